@@ -1,0 +1,27 @@
+# make demo: set up .venv and train + test MCAN on the bundled easy-VQA data.
+# make test: set up .venv and run the test suite.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+DEMO_VERSION ?= demo-$(shell date +%Y%m%d-%H%M%S)
+CONFIG ?= configs/easyvqa.yml
+
+.PHONY: demo test setup clean-venv
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -c constraints.txt -e ".[test]"
+	touch $@
+
+demo: setup
+	$(BIN)/accuvqa prepare --config $(CONFIG)
+	$(BIN)/accuvqa train --config $(CONFIG) --VERSION $(DEMO_VERSION)
+	$(BIN)/accuvqa test --config $(CONFIG) --VERSION $(DEMO_VERSION)
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+clean-venv:
+	rm -rf $(VENV)

@@ -1,0 +1,184 @@
+"""Gradient accumulation that is exactly equivalent to one large batch.
+
+Usable on any PyTorch model. One call to `GradientAccumulator.step` is one optimizer update over
+one effective batch (a *window*):
+
+1. gradients are zeroed once, at the start of the window;
+2. the batch is split into `micro_batches` pieces (uneven sizes allowed), and for each piece
+   `loss_fn(model, piece)` returns `(loss_sum, n_items)`: the loss *summed* over the piece's items
+   and how many items there were; `loss_sum.backward()` adds into `.grad`;
+3. after the last piece the summed gradient is divided by the window's total item count
+   (`reduction="mean"`) or left as it is (`reduction="sum"`): this is the gradient of the whole
+   batch's loss, whatever the split, because a sum of per-piece sums is the whole sum;
+4. the accumulated gradient is clipped (if asked), the optimizer steps once, the scheduler once.
+
+Dividing each piece's mean loss by k (the folklore rule) is only right when every piece holds the
+same number of items; summing and dividing once by the true total is right always.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping, Sequence, Union
+
+import torch
+from torch import nn
+
+Batch = Union[torch.Tensor, Sequence[torch.Tensor], Mapping[str, torch.Tensor]]
+LossFn = Callable[[nn.Module, Batch], "tuple[torch.Tensor, int | torch.Tensor]"]
+
+
+@dataclass
+class StepResult:
+    """What one update did. Tensors stay on the device: read them with float() when logging."""
+
+    loss: torch.Tensor  # the window's loss, as the whole-batch loss would be (sum or mean)
+    n_items: torch.Tensor  # items in the window (all micro-batches, all processes)
+    grad_norm: torch.Tensor  # L2 norm of the accumulated gradient, before clipping
+    micro_batches: int  # micro-batches used
+    skipped: bool = False  # True when the update was not applied
+
+
+def batch_size(batch: Batch) -> int:
+    """Leading dimension shared by every tensor of `batch`; TypeError/ValueError otherwise."""
+    tensors = _tensors(batch)
+    if not tensors:
+        raise ValueError("batch holds no tensors")
+    sizes = {t.shape[0] if t.dim() else None for t in tensors}
+    if None in sizes or len(sizes) != 1:
+        raise ValueError(
+            f"every tensor of a batch must share the leading (batch) dimension, got sizes "
+            f"{[tuple(t.shape) for t in tensors]}"
+        )
+    return sizes.pop()
+
+
+def _tensors(batch: Batch) -> list[torch.Tensor]:
+    if isinstance(batch, torch.Tensor):
+        return [batch]
+    values = list(batch.values()) if isinstance(batch, Mapping) else batch
+    if not isinstance(values, (list, tuple)) or not all(isinstance(v, torch.Tensor) for v in values):
+        raise TypeError(
+            "batch must be a tensor, or a tuple/list/dict of tensors sharing the leading "
+            f"dimension; got {type(batch).__name__}"
+        )
+    return list(values)
+
+
+def split_batch(batch: Batch, micro_batches: int) -> list[Batch]:
+    """Split along dim 0 into `micro_batches` pieces whose sizes differ by at most one."""
+    n = batch_size(batch)
+    k = min(micro_batches, n)
+    bounds = [round(i * n / k) for i in range(k + 1)]
+    slices = [slice(bounds[i], bounds[i + 1]) for i in range(k)]
+    if isinstance(batch, torch.Tensor):
+        return [batch[s] for s in slices]
+    if isinstance(batch, Mapping):
+        return [{key: v[s] for key, v in batch.items()} for s in slices]
+    return [type(batch)(v[s] for v in batch) for s in slices]
+
+
+class GradientAccumulator:
+    """Owns the micro-step loop of one update: split, backward, normalise, clip, step.
+
+    `micro_batches`: in how many pieces each batch is computed (clamped to the batch size).
+    `reduction`: "sum" (the window's loss is the sum over its items, as MCAN's BCE) or "mean"
+    (divided by the window's total item count).
+    `max_grad_norm`: clip the accumulated gradient to this L2 norm (None or <= 0: off).
+    `scheduler`: stepped once per update, after the optimizer.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        *,
+        micro_batches: int = 1,
+        reduction: str = "sum",
+        max_grad_norm: float | None = None,
+        scheduler: Any = None,
+    ) -> None:
+        if reduction not in ("sum", "mean"):
+            raise ValueError(f"reduction must be 'sum' or 'mean', got {reduction!r}")
+        if not isinstance(micro_batches, int) or micro_batches < 1:
+            raise ValueError(f"micro_batches must be an integer >= 1, got {micro_batches!r}")
+        self.model = model
+        self.optimizer = optimizer
+        self.micro_batches = micro_batches
+        self.reduction = reduction
+        self.max_grad_norm = max_grad_norm if max_grad_norm and max_grad_norm > 0 else None
+        self.scheduler = scheduler
+
+    def _params(self) -> list[torch.Tensor]:
+        return [p for group in self.optimizer.param_groups for p in group["params"]]
+
+    def _sync_context(self, last: bool) -> contextlib.AbstractContextManager:
+        # DistributedDataParallel all-reduces on every backward unless told not to.
+        no_sync = getattr(self.model, "no_sync", None)
+        return contextlib.nullcontext() if last or no_sync is None else no_sync()
+
+    def accumulate(self, batch: Batch, loss_fn: LossFn) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """Zero the gradients, then add the summed-loss gradient of every micro-batch.
+
+        Returns (summed loss, item count, micro-batches used), all local to this process.
+        """
+        self.optimizer.zero_grad(set_to_none=True)
+        pieces = split_batch(batch, self.micro_batches)
+        loss_total = torch.zeros(())
+        items_total = torch.zeros((), dtype=torch.float64)
+        for i, piece in enumerate(pieces):
+            with self._sync_context(last=i == len(pieces) - 1):
+                loss_sum, n_items = loss_fn(self.model, piece)
+                if loss_sum.dim() != 0:
+                    raise ValueError(
+                        f"loss_fn must return a scalar loss summed over the micro-batch, got shape "
+                        f"{tuple(loss_sum.shape)}; sum it (reduction='sum') and return the item count"
+                    )
+                loss_sum.backward()
+            if loss_total.device != loss_sum.device:
+                loss_total = loss_total.to(loss_sum.device)
+                items_total = items_total.to(loss_sum.device)
+            loss_total = loss_total + loss_sum.detach().float()
+            items_total = items_total + n_items
+        return loss_total, items_total, len(pieces)
+
+    def step(self, batch: Batch, loss_fn: LossFn) -> StepResult:
+        """One optimizer update over `batch`, computed in micro-batches."""
+        loss_total, items_total, used = self.accumulate(batch, loss_fn)
+        world = 1
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            # DDP averaged the gradients over processes; the item count must be global too.
+            world = torch.distributed.get_world_size()
+            torch.distributed.all_reduce(items_total)
+            torch.distributed.all_reduce(loss_total)
+        if self.reduction == "mean":
+            # One scale of the summed gradient: world / N_global turns the DDP average into the mean.
+            grad_scale = world / items_total
+            loss = loss_total / items_total
+        else:
+            grad_scale = torch.tensor(float(world), device=items_total.device)
+            loss = loss_total
+        grads = [p.grad for p in self._params() if p.grad is not None]
+        grad_norm = torch.zeros((), device=loss.device)
+        if grads:
+            norm_dtype = torch.float64 if any(g.dtype == torch.float64 for g in grads) else torch.float32
+            # Norm of the summed gradient, times the scale: one read pass over the gradients ...
+            grad_norm = torch.linalg.vector_norm(torch.stack(
+                [torch.linalg.vector_norm(g, dtype=norm_dtype) for g in grads])) * grad_scale.to(norm_dtype)
+            total_scale = grad_scale.to(norm_dtype)
+            if self.max_grad_norm is not None:
+                total_scale = total_scale * torch.clamp(self.max_grad_norm / (grad_norm + 1e-6), max=1.0)
+            # ... and at most one write pass: normalisation and clipping in a single multiply.
+            if self.max_grad_norm is not None or self.reduction == "mean" or world > 1:
+                torch._foreach_mul_(grads, total_scale.to(grads[0].device, grads[0].dtype))
+        self.optimizer.step()
+        if self.scheduler is not None:
+            self.scheduler.step()
+        return StepResult(loss=loss, n_items=items_total, grad_norm=grad_norm, micro_batches=used)
+
+
+def is_finite(x: torch.Tensor) -> bool:
+    """True when a scalar tensor holds a finite number (one host sync)."""
+    return math.isfinite(float(x))

@@ -1,0 +1,89 @@
+"""Question tokens and answers, processed exactly as mcan-vqa does."""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import Counter
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+
+from accuvqa.errors import DataError
+from accuvqa.metrics import normalize_answer
+
+PAD, UNK = 0, 1
+_DROP = re.compile(r"[.,'!?\"()*#:;]")
+# mcan-vqa: an answer enters the dictionary when seen more than this many times in training.
+ANSWER_MIN_COUNT = 8
+
+
+def tokenize(question: str) -> list[str]:
+    """Lower-case, drop `.,'!?"()*#:;`, turn '-' and '/' into spaces, split on white space."""
+    return _DROP.sub("", question.lower()).replace("-", " ").replace("/", " ").split()
+
+
+def build_token_dict(questions: Iterable[str]) -> dict[str, int]:
+    """Token ids in first-seen order after PAD=0 and UNK=1."""
+    token_to_ix = {"PAD": PAD, "UNK": UNK}
+    for question in questions:
+        for word in tokenize(question):
+            if word not in token_to_ix:
+                token_to_ix[word] = len(token_to_ix)
+    return token_to_ix
+
+
+def encode_question(question: str, token_to_ix: dict[str, int], max_token: int) -> np.ndarray:
+    """Token ids of one question, zero-padded or cut to `max_token`."""
+    ids = np.zeros(max_token, dtype=np.int64)
+    for i, word in enumerate(tokenize(question)[:max_token]):
+        ids[i] = token_to_ix.get(word, UNK)
+    return ids
+
+
+def prep_answer(answer: str) -> str:
+    """mcan-vqa's answer processing: the official normalisation, then any comma dropped."""
+    return normalize_answer(answer).replace(",", "")
+
+
+def build_answer_dict(most_common_answers: Iterable[str]) -> tuple[dict[str, int], dict[str, str]]:
+    """mcan-vqa's `[ans_to_ix, ix_to_ans]` from each training question's most common answer.
+
+    Answers are normalised as the official evaluation does, counted, and kept when seen more than
+    ANSWER_MIN_COUNT times, in first-seen order.
+    """
+    counts = Counter(prep_answer(a) for a in most_common_answers)
+    kept = [a for a in counts if counts[a] > ANSWER_MIN_COUNT]
+    ans_to_ix = {a: i for i, a in enumerate(kept)}
+    ix_to_ans = {str(i): a for a, i in ans_to_ix.items()}
+    return ans_to_ix, ix_to_ans
+
+
+def save_answer_dict(path: str | Path, ans_to_ix: dict[str, int], ix_to_ans: dict[str, str]) -> None:
+    """Write `[ans_to_ix, ix_to_ans]` as mcan-vqa's answer_dict.json."""
+    Path(path).write_text(json.dumps([ans_to_ix, ix_to_ans]))
+
+
+def load_answer_dict(path: str | Path) -> tuple[dict[str, int], dict[str, str]]:
+    """Read mcan-vqa's answer_dict.json (`[ans_to_ix, ix_to_ans]`)."""
+    try:
+        ans_to_ix, ix_to_ans = json.loads(Path(path).read_text())
+    except OSError as e:
+        raise DataError(f"cannot read answer dictionary {path}: {e.strerror}") from None
+    except (ValueError, TypeError):
+        raise DataError(
+            f"{path} is not an answer dictionary: expected JSON [ans_to_ix, ix_to_ans]"
+        ) from None
+    return ans_to_ix, ix_to_ans
+
+
+def soft_score(matches: int) -> float:
+    """mcan-vqa's soft target for an answer given by `matches` annotators."""
+    return (0.0, 0.3, 0.6, 0.9)[matches] if matches < 4 else 1.0
+
+
+def answer_targets(gt_answers: Sequence[str], ans_to_ix: dict[str, int]) -> list[tuple[int, float]]:
+    """(answer index, soft score) for each in-dictionary answer among the annotators' answers."""
+    counts = Counter(prep_answer(a) for a in gt_answers)
+    return [(ans_to_ix[a], soft_score(c)) for a, c in counts.items() if a in ans_to_ix]

@@ -1,0 +1,5 @@
+"""VQA models."""
+
+from accuvqa.models.mcan import MCAN, build_model, make_mask
+
+__all__ = ["MCAN", "build_model", "make_mask"]

@@ -1,0 +1,194 @@
+"""Small building blocks of MCAN, mirroring mcan-vqa's net_utils.py / mca.py / net.py.
+
+Module and parameter names follow the original code so that original checkpoints load
+with ``load_state_dict(strict=True)``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# Score given to masked positions (the original uses masked_fill(mask, -1e9)).
+MASK_VALUE = -1e9
+
+
+class FC(nn.Module):
+    """Linear layer optionally followed by ReLU and dropout."""
+
+    def __init__(self, in_size: int, out_size: int, dropout_r: float = 0.0, use_relu: bool = True) -> None:
+        super().__init__()
+        self.dropout_r = dropout_r
+        self.use_relu = use_relu
+        self.linear = nn.Linear(in_size, out_size)
+        if use_relu:
+            self.relu = nn.ReLU(inplace=True)
+        if dropout_r > 0:
+            self.dropout = nn.Dropout(dropout_r)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Apply linear (+ ReLU) (+ dropout)."""
+        x = self.linear(x)
+        if self.use_relu:
+            x = self.relu(x)
+        if self.dropout_r > 0:
+            x = self.dropout(x)
+        return x
+
+
+class MLP(nn.Module):
+    """Two-layer perceptron: FC(in -> mid) then Linear(mid -> out)."""
+
+    def __init__(
+        self, in_size: int, mid_size: int, out_size: int, dropout_r: float = 0.0, use_relu: bool = True
+    ) -> None:
+        super().__init__()
+        self.fc = FC(in_size, mid_size, dropout_r=dropout_r, use_relu=use_relu)
+        self.linear = nn.Linear(mid_size, out_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Apply the two layers."""
+        return self.linear(self.fc(x))
+
+
+class LayerNorm(nn.Module):
+    """mcan-vqa's LayerNorm: a_2 * (x - mean) / (std + eps) + b_2 with the unbiased std."""
+
+    def __init__(self, size: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.eps = eps
+        self.a_2 = nn.Parameter(torch.ones(size))
+        self.b_2 = nn.Parameter(torch.zeros(size))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Normalise over the last dimension."""
+        mean = x.mean(-1, keepdim=True)
+        std = x.std(-1, keepdim=True)  # unbiased, as in the original
+        return self.a_2 * (x - mean) / (std + self.eps) + self.b_2
+
+
+class MHAtt(nn.Module):
+    """Multi-head scaled dot-product attention with key padding mask."""
+
+    def __init__(self, cfg: Any, use_sdpa: bool = True) -> None:
+        super().__init__()
+        self.hidden_size: int = cfg.HIDDEN_SIZE
+        self.n_heads: int = cfg.MULTI_HEAD
+        if self.hidden_size % self.n_heads != 0:
+            raise ValueError("HIDDEN_SIZE must be divisible by MULTI_HEAD")
+        self.head_size = self.hidden_size // self.n_heads
+        self.use_sdpa = use_sdpa
+
+        self.linear_v = nn.Linear(self.hidden_size, self.hidden_size)
+        self.linear_k = nn.Linear(self.hidden_size, self.hidden_size)
+        self.linear_q = nn.Linear(self.hidden_size, self.hidden_size)
+        self.linear_merge = nn.Linear(self.hidden_size, self.hidden_size)
+        self.dropout = nn.Dropout(cfg.DROPOUT_R)
+
+    def _split(self, x: torch.Tensor) -> torch.Tensor:
+        # (B, L, H) -> (B, heads, L, H/heads)
+        return x.view(x.size(0), -1, self.n_heads, self.head_size).transpose(1, 2)
+
+    def forward(
+        self, v: torch.Tensor, k: torch.Tensor, q: torch.Tensor, mask: torch.Tensor | None
+    ) -> torch.Tensor:
+        """Attend from q (B, Lq, H) to k/v (B, Lk, H); mask (B, 1, 1, Lk) is True where padded."""
+        batch = q.size(0)
+        v, k, q = self._split(self.linear_v(v)), self._split(self.linear_k(k)), self._split(self.linear_q(q))
+        if self.use_sdpa:
+            attn_mask = None
+            if mask is not None:
+                attn_mask = torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill(mask, MASK_VALUE)
+            p = self.dropout.p if self.training else 0.0
+            atted = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=p)
+        else:
+            atted = self.att(v, k, q, mask)
+        atted = atted.transpose(1, 2).reshape(batch, -1, self.hidden_size)  # (B, Lq, H)
+        return self.linear_merge(atted)
+
+    def att(
+        self, value: torch.Tensor, key: torch.Tensor, query: torch.Tensor, mask: torch.Tensor | None
+    ) -> torch.Tensor:
+        """Explicit attention: softmax(q k^T / sqrt(d_k), masked_fill(-1e9)) v, with dropout on the map."""
+        scores = torch.matmul(query, key.transpose(-2, -1)) / math.sqrt(query.size(-1))
+        if mask is not None:
+            scores = scores.masked_fill(mask, MASK_VALUE)
+        att_map = self.dropout(F.softmax(scores, dim=-1))
+        return torch.matmul(att_map, value)
+
+
+class FFN(nn.Module):
+    """Position-wise feed-forward net: MLP(HIDDEN -> FF_SIZE -> HIDDEN)."""
+
+    def __init__(self, cfg: Any) -> None:
+        super().__init__()
+        self.mlp = MLP(cfg.HIDDEN_SIZE, cfg.FF_SIZE, cfg.HIDDEN_SIZE, dropout_r=cfg.DROPOUT_R, use_relu=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Apply the MLP."""
+        return self.mlp(x)
+
+
+class SA(nn.Module):
+    """Self-attention unit: MHAtt + FFN, each with residual, dropout and LayerNorm."""
+
+    def __init__(self, cfg: Any) -> None:
+        super().__init__()
+        self.mhatt = MHAtt(cfg)
+        self.ffn = FFN(cfg)
+        self.dropout1 = nn.Dropout(cfg.DROPOUT_R)
+        self.norm1 = LayerNorm(cfg.HIDDEN_SIZE)
+        self.dropout2 = nn.Dropout(cfg.DROPOUT_R)
+        self.norm2 = LayerNorm(cfg.HIDDEN_SIZE)
+
+    def forward(self, x: torch.Tensor, x_mask: torch.Tensor | None) -> torch.Tensor:
+        """x (B, L, H), x_mask (B, 1, 1, L)."""
+        x = self.norm1(x + self.dropout1(self.mhatt(x, x, x, x_mask)))
+        return self.norm2(x + self.dropout2(self.ffn(x)))
+
+
+class SGA(nn.Module):
+    """Self-guided-attention unit: self-attention on x, guided attention x -> y, then FFN."""
+
+    def __init__(self, cfg: Any) -> None:
+        super().__init__()
+        self.mhatt1 = MHAtt(cfg)
+        self.mhatt2 = MHAtt(cfg)
+        self.ffn = FFN(cfg)
+        self.dropout1 = nn.Dropout(cfg.DROPOUT_R)
+        self.norm1 = LayerNorm(cfg.HIDDEN_SIZE)
+        self.dropout2 = nn.Dropout(cfg.DROPOUT_R)
+        self.norm2 = LayerNorm(cfg.HIDDEN_SIZE)
+        self.dropout3 = nn.Dropout(cfg.DROPOUT_R)
+        self.norm3 = LayerNorm(cfg.HIDDEN_SIZE)
+
+    def forward(
+        self, x: torch.Tensor, y: torch.Tensor, x_mask: torch.Tensor | None, y_mask: torch.Tensor | None
+    ) -> torch.Tensor:
+        """x (B, Lx, H) attends to itself and to guide y (B, Ly, H)."""
+        x = self.norm1(x + self.dropout1(self.mhatt1(x, x, x, x_mask)))
+        x = self.norm2(x + self.dropout2(self.mhatt2(y, y, x, y_mask)))
+        return self.norm3(x + self.dropout3(self.ffn(x)))
+
+
+class AttFlat(nn.Module):
+    """Attentional flattening: FLAT_GLIMPSES masked-softmax pools, concatenated, then linear_merge."""
+
+    def __init__(self, cfg: Any) -> None:
+        super().__init__()
+        self.glimpses: int = cfg.FLAT_GLIMPSES
+        self.mlp = MLP(cfg.HIDDEN_SIZE, cfg.FLAT_MLP_SIZE, cfg.FLAT_GLIMPSES, dropout_r=cfg.DROPOUT_R, use_relu=True)
+        self.linear_merge = nn.Linear(cfg.HIDDEN_SIZE * cfg.FLAT_GLIMPSES, cfg.FLAT_OUT_SIZE)
+
+    def forward(self, x: torch.Tensor, x_mask: torch.Tensor | None) -> torch.Tensor:
+        """x (B, L, H), x_mask (B, 1, 1, L) -> (B, FLAT_OUT_SIZE)."""
+        att = self.mlp(x)  # (B, L, G)
+        if x_mask is not None:
+            att = att.masked_fill(x_mask.squeeze(1).squeeze(1).unsqueeze(2), MASK_VALUE)
+        att = F.softmax(att, dim=1)
+        x_atted = torch.einsum("blg,blh->bgh", att, x)  # (B, G, H)
+        return self.linear_merge(x_atted.reshape(x.size(0), -1))  # glimpses concatenated: (B, G*H)

@@ -1,0 +1,76 @@
+"""Shared fixtures: a tiny VQA v2-layout dataset written from scratch, and a slice of easy-VQA."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from accuvqa.config import load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# (question, ten annotator answers) pairs reused by the generated layout
+_QA = [
+    ("What color is the cat?", ["black"] * 6 + ["dark"] * 4),
+    ("How many dogs are there?", ["two"] * 3 + ["2"] * 5 + ["3"] * 2),
+    ("Is it raining?", ["yes"] * 9 + ["no"]),
+    ("Is the man's shirt blue?", ["no"] * 10),
+    ("What is on the table-top?", ["a laptop"] * 4 + ["laptop"] * 4 + ["computer"] * 2),
+]
+
+
+def write_vqa_layout(root: Path, feat_size: int = 12, images_per_split: int = 6, seed: int = 0) -> dict:
+    """Write a small dataset in the mcan-vqa layout: JSON for train/val/test, one .npz per image.
+
+    Images get between 3 and 9 regions so padding and cutting are exercised.
+    """
+    rng = np.random.default_rng(seed)
+    dataset_path, feature_path = root / "vqa", root / "feats"
+    dataset_path.mkdir(parents=True)
+    folders = {"train": "train2014", "val": "val2014", "test": "test2015"}
+    qid = 0
+    counts = {}
+    for split, folder in folders.items():
+        (feature_path / folder).mkdir(parents=True)
+        questions, annotations = [], []
+        for image in range(images_per_split):
+            image_id = 1000 * (1 + list(folders).index(split)) + image
+            n_regions = int(rng.integers(3, 10))
+            x = rng.normal(size=(feat_size, n_regions)).astype(np.float32)
+            np.savez(feature_path / folder / f"COCO_{folder}_{image_id:012d}.jpg.npz", x=x,
+                     bbox=np.zeros((n_regions, 4)), image_w=64, image_h=64, num_bbox=n_regions)
+            for question, answers in _QA:
+                qid += 1
+                questions.append({"question_id": qid, "image_id": image_id, "question": question})
+                annotations.append({
+                    "question_id": qid, "image_id": image_id, "question_type": question.split()[0].lower(),
+                    "answer_type": "yes/no" if answers[0] in ("yes", "no") else "other",
+                    "multiple_choice_answer": max(set(answers), key=answers.count),
+                    "answers": [{"answer": a, "answer_confidence": "yes", "answer_id": k + 1}
+                                for k, a in enumerate(answers)]})
+        (dataset_path / f"v2_OpenEnded_mscoco_{folder}_questions.json").write_text(json.dumps({"questions": questions}))
+        if split != "test":
+            (dataset_path / f"v2_mscoco_{folder}_annotations.json").write_text(json.dumps({"annotations": annotations}))
+        counts[split] = len(questions)
+    return {"DATASET_PATH": str(dataset_path), "FEATURE_PATH": str(feature_path), "counts": counts}
+
+
+@pytest.fixture
+def vqa_layout(tmp_path: Path) -> dict:
+    """A freshly written tiny VQA v2 layout."""
+    return write_vqa_layout(tmp_path)
+
+
+@pytest.fixture(scope="session")
+def easyvqa_slice(tmp_path_factory) -> dict:
+    """The first 240 train and test images of easy-VQA, prepared by `prepare_easyvqa`."""
+    from accuvqa.data.easyvqa import prepare_easyvqa
+
+    root = tmp_path_factory.mktemp("easyvqa")
+    paths = {"DATASET_PATH": str(root / "questions"), "FEATURE_PATH": str(root / "features")}
+    cfg = load_config(ROOT / "configs/easyvqa.yml", paths)
+    summary = prepare_easyvqa(cfg, max_images=240)
+    return {**paths, "summary": summary, "root": root}
