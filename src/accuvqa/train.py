@@ -305,7 +305,8 @@ def train(cfg: Config) -> dict[str, Any]:
         raise ConfigError(f"BATCH_SIZE {cfg.BATCH_SIZE} is larger than the training set ({len(train_set)} questions)")
 
     model = build_model(cfg, len(vocab.token_to_ix), len(vocab.ans_to_ix)).to(rt.device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.LR_BASE, betas=cfg.OPT_BETAS, eps=cfg.OPT_EPS)
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.LR_BASE, betas=cfg.OPT_BETAS, eps=cfg.OPT_EPS,
+                                 foreach=True)
     start_epoch, step = 0, 0
     if resume_state is not None:
         model.load_state_dict(resume_state["state_dict"])
