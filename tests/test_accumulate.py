@@ -16,7 +16,8 @@ class Recorder(torch.optim.Optimizer):
         self.seen: list[list[torch.Tensor]] = []
 
     def step(self, closure=None):
-        self.seen.append([p.grad.detach().clone() for g in self.param_groups for p in g["params"]])
+        self.seen.append([None if p.grad is None else p.grad.detach().clone()
+                          for g in self.param_groups for p in g["params"]])
 
 
 def make_model(dtype=torch.float32) -> nn.Module:
@@ -45,7 +46,9 @@ def full_batch_grads(model, batch, reduction):
     model.zero_grad()
     loss = F.binary_cross_entropy_with_logits(model(batch["x"]), batch["y"], reduction=reduction)
     loss.backward()
-    return [p.grad.detach().clone() for p in model.parameters()], loss.detach()
+    grads = [p.grad.detach().clone() for p in model.parameters()]
+    model.zero_grad(set_to_none=True)
+    return grads, loss.detach()
 
 
 def max_rel_diff(got, want):
@@ -75,6 +78,7 @@ def test_uneven_last_micro_batch_is_not_divided_by_k():
         (F.binary_cross_entropy_with_logits(model(piece["x"]), piece["y"]) / 2).backward()
         folklore = [f + p.grad for f, p in zip(folklore, model.parameters())]
     assert max_rel_diff(folklore, want) > 1e-3  # the folklore loop really is off
+    model.zero_grad(set_to_none=True)
     opt = Recorder(model.parameters())
     GradientAccumulator(model, opt, micro_batches=2, reduction="mean").step(batch, bce_items)
     assert max_rel_diff(opt.seen[0], want) <= 1e-12
@@ -94,8 +98,11 @@ def test_gradients_are_zeroed_once_per_update_not_per_micro_batch():
 def test_clipping_acts_on_the_accumulated_gradient():
     model, batch = make_model(torch.float64), make_batch(9, torch.float64)
     want, _ = full_batch_grads(model, batch, "sum")
+    for p, g in zip(model.parameters(), want):
+        p.grad = g.clone()
     torch.nn.utils.clip_grad_norm_(model.parameters(), 0.5)
     clipped = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad(set_to_none=True)
     norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in want]))
     opt = Recorder(model.parameters())
     result = GradientAccumulator(model, opt, micro_batches=3, reduction="sum", max_grad_norm=0.5).step(batch, bce_sum)
@@ -130,3 +137,149 @@ def test_bad_batches_and_losses_are_refused_clearly():
             m(b["x"]), b["y"], reduction="none"), 4))
     with pytest.raises(ValueError, match="reduction must be 'sum' or 'mean'"):
         GradientAccumulator(model, Recorder(model.parameters()), reduction="avg")
+
+
+# ----------------------------------------------------------------------------- property-based
+
+from hypothesis import given, settings, strategies as st  # noqa: E402
+
+
+def masked_token_loss(model, batch):
+    """A token-level loss: items are the unmasked positions, a different count per sample."""
+    logits = model(batch["x"])  # (B, 5) read as 5 "tokens" per sample
+    per_item = F.binary_cross_entropy_with_logits(logits, batch["y"], reduction="none")
+    return (per_item * batch["mask"]).sum(), batch["mask"].sum()
+
+
+@settings(max_examples=40, deadline=None)
+@given(n=st.integers(1, 24), data=st.data(), reduction=st.sampled_from(["sum", "mean"]),
+       dtype=st.sampled_from([torch.float64, torch.float32]))
+def test_any_split_of_any_batch_matches_the_full_batch(n, data, reduction, dtype):
+    k = data.draw(st.integers(1, n), label="micro_batches")
+    seed = data.draw(st.integers(0, 2**16), label="seed")
+    model = make_model(dtype)
+    gen = torch.Generator().manual_seed(seed)
+    batch = {"x": torch.randn(n, 6, generator=gen, dtype=dtype),
+             "y": torch.rand(n, 5, generator=gen, dtype=dtype),
+             "mask": (torch.rand(n, 5, generator=gen) < 0.6).to(dtype)}
+    batch["mask"][0, 0] = 1  # at least one real item in the window
+    # reference: one backward over the whole batch, mean over all real tokens of the window
+    model.zero_grad()
+    loss_sum, items = masked_token_loss(model, batch)
+    (loss_sum / items if reduction == "mean" else loss_sum).backward()
+    want = [p.grad.detach().clone() for p in model.parameters()]
+    model.zero_grad(set_to_none=True)
+    opt = Recorder(model.parameters())
+    result = GradientAccumulator(model, opt, micro_batches=k, reduction=reduction).step(batch, masked_token_loss)
+    assert result.micro_batches == k and float(result.n_items) == float(items)
+    assert max_rel_diff(opt.seen[0], want) <= (1e-6 if dtype == torch.float64 else 1e-5)
+
+
+# ----------------------------------------------------------------------------- mixed precision
+
+def test_bf16_autocast_keeps_float32_parameters_and_gradients():
+    model, batch = make_model(), make_batch(12)
+    want, _ = full_batch_grads(model, batch, "sum")
+    opt = Recorder(model.parameters())
+    GradientAccumulator(model, opt, micro_batches=3, autocast_dtype=torch.bfloat16).step(batch, bce_sum)
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    assert all(g.dtype == torch.float32 for g in opt.seen[0])
+    assert max_rel_diff(opt.seen[0], want) <= 3e-2  # bf16 matmuls: ~3 significant digits
+
+
+def test_grad_scaler_unscales_once_and_skips_inf_updates():
+    model, batch = make_model(), make_batch(10)
+    want, _ = full_batch_grads(model, batch, "mean")
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12)
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)  # lr 0: parameters stay, gradients are seen
+    seen = []
+    opt.register_step_post_hook(lambda o, a, k: seen.append([p.grad.clone() for p in model.parameters()]))
+    acc = GradientAccumulator(model, opt, micro_batches=3, reduction="mean", scaler=scaler)
+    result = acc.step(batch, bce_items)
+    assert not result.skipped and max_rel_diff(seen[0], want) <= 1e-5  # unscaled exactly once
+    before = [p.detach().clone() for p in model.parameters()]
+    opt.param_groups[0]["lr"] = 0.1
+
+    def overflowing(model, piece):
+        loss, n = bce_items(model, piece)
+        return loss * float("inf"), n
+
+    result = acc.step(batch, overflowing)
+    assert result.skipped and scaler.get_scale() == 2.0**11
+    assert all(torch.equal(b, p) for b, p in zip(before, model.parameters()))
+
+
+# ----------------------------------------------------------------------------- micro_batches="auto"
+
+def test_auto_micro_batches_doubles_on_out_of_memory_and_keeps_the_count():
+    model, batch = make_model(torch.float64), make_batch(16, torch.float64)
+    want, _ = full_batch_grads(model, batch, "mean")
+    sizes = []
+
+    def fits_five(model, piece):
+        sizes.append(len(piece["x"]))
+        if len(piece["x"]) > 5:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (injected)")
+        return bce_items(model, piece)
+
+    opt = Recorder(model.parameters())
+    acc = GradientAccumulator(model, opt, micro_batches="auto", reduction="mean")
+    result = acc.step(batch, fits_five)
+    assert result.micro_batches == 4 and acc.micro_batches == 4
+    assert sizes == [16, 8, 4, 4, 4, 4]
+    assert max_rel_diff(opt.seen[0], want) <= 1e-12  # the failed attempts left nothing behind
+    sizes.clear()
+    acc.step(batch, fits_five)
+    assert sizes == [4, 4, 4, 4]  # later windows start from the count found
+
+
+def test_auto_gives_up_when_one_sample_does_not_fit():
+    model, batch = make_model(), make_batch(2)
+
+    def never_fits(model, piece):
+        raise torch.OutOfMemoryError("CUDA out of memory (injected)")
+
+    acc = GradientAccumulator(model, Recorder(model.parameters()), micro_batches="auto")
+    with pytest.raises(torch.OutOfMemoryError):
+        acc.step(batch, never_fits)
+
+
+# ----------------------------------------------------------------------------- misuse guards
+
+def test_stray_backward_before_a_window_is_an_error():
+    model, batch = make_model(), make_batch(4)
+    bce_sum(model, batch)[0].backward()
+    with pytest.raises(RuntimeError, match=r"already hold gradients.*zero_grad\(set_to_none=True\)"):
+        GradientAccumulator(model, Recorder(model.parameters())).step(batch, bce_sum)
+
+
+def test_parameters_without_gradient_are_named_once():
+    class WithUnused(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body, self.extra = make_model(), nn.Linear(2, 2)  # extra: never used by forward
+
+        def forward(self, x):
+            return self.body(x)
+
+    model = WithUnused()
+    acc = GradientAccumulator(model, Recorder(model.parameters()))
+    with pytest.warns(UserWarning, match=r"2 parameters with requires_grad got no gradient.*extra.weight"):
+        acc.step(make_batch(4), bce_sum)
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        acc.step(make_batch(4), bce_sum)  # warned once only
+
+
+def test_batchnorm_is_reported():
+    model = nn.Sequential(nn.Linear(6, 4), nn.BatchNorm1d(4))
+    with pytest.warns(UserWarning, match=r"BatchNorm layers \(1\).*depend on the micro-batch size"):
+        GradientAccumulator(model, Recorder(model.parameters()))
+
+
+def test_window_without_items_is_an_error():
+    model = make_model()
+    acc = GradientAccumulator(model, Recorder(model.parameters()), reduction="mean")
+    with pytest.raises(ValueError, match="the window has no items"):
+        acc.step(make_batch(4), lambda m, b: (bce_sum(m, b)[0] * 0, 0))

@@ -19,12 +19,17 @@ same number of items; summing and dividing once by the true total is right alway
 from __future__ import annotations
 
 import contextlib
+import gc
+import logging
 import math
+import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Sequence, Union
 
 import torch
 from torch import nn
+
+log = logging.getLogger(__name__)
 
 Batch = Union[torch.Tensor, Sequence[torch.Tensor], Mapping[str, torch.Tensor]]
 LossFn = Callable[[nn.Module, Batch], "tuple[torch.Tensor, int | torch.Tensor]"]
@@ -80,14 +85,24 @@ def split_batch(batch: Batch, micro_batches: int) -> list[Batch]:
     return [type(batch)(v[s] for v in batch) for s in slices]
 
 
+def _is_oom(error: BaseException) -> bool:
+    oom_type = getattr(torch, "OutOfMemoryError", None) or getattr(torch.cuda, "OutOfMemoryError", None)
+    return (oom_type is not None and isinstance(error, oom_type)) or (
+        isinstance(error, RuntimeError) and "out of memory" in str(error))
+
+
 class GradientAccumulator:
     """Owns the micro-step loop of one update: split, backward, normalise, clip, step.
 
-    `micro_batches`: in how many pieces each batch is computed (clamped to the batch size).
+    `micro_batches`: in how many pieces each batch is computed (clamped to the batch size), or
+    "auto": start at 1 and double on out-of-memory, redoing the window (the batch never changes).
     `reduction`: "sum" (the window's loss is the sum over its items, as MCAN's BCE) or "mean"
-    (divided by the window's total item count).
+    (divided by the window's total item count, over all micro-batches and processes).
     `max_grad_norm`: clip the accumulated gradient to this L2 norm (None or <= 0: off).
-    `scheduler`: stepped once per update, after the optimizer.
+    `scaler`: a `torch.amp.GradScaler` for fp16: every micro-step is scaled, the gradient unscaled
+    once before clipping, and the update skipped (`StepResult.skipped`) on inf/NaN.
+    `autocast_dtype`: run each forward under `torch.autocast` with this dtype (bf16 or fp16).
+    `scheduler`: stepped once per applied update, after the optimizer.
     """
 
     def __init__(
@@ -95,21 +110,36 @@ class GradientAccumulator:
         model: nn.Module,
         optimizer: torch.optim.Optimizer,
         *,
-        micro_batches: int = 1,
+        micro_batches: int | str = 1,
         reduction: str = "sum",
         max_grad_norm: float | None = None,
+        scaler: Any = None,
+        autocast_dtype: torch.dtype | None = None,
         scheduler: Any = None,
     ) -> None:
         if reduction not in ("sum", "mean"):
             raise ValueError(f"reduction must be 'sum' or 'mean', got {reduction!r}")
-        if not isinstance(micro_batches, int) or micro_batches < 1:
-            raise ValueError(f"micro_batches must be an integer >= 1, got {micro_batches!r}")
+        self.auto = micro_batches == "auto"
+        if not self.auto and (isinstance(micro_batches, bool) or not isinstance(micro_batches, int)
+                              or micro_batches < 1):
+            raise ValueError(f"micro_batches must be an integer >= 1 or 'auto', got {micro_batches!r}")
         self.model = model
         self.optimizer = optimizer
-        self.micro_batches = micro_batches
+        self.micro_batches = 1 if self.auto else int(micro_batches)
         self.reduction = reduction
         self.max_grad_norm = max_grad_norm if max_grad_norm and max_grad_norm > 0 else None
+        self.scaler = scaler if scaler is not None and scaler.is_enabled() else None
+        self.autocast_dtype = autocast_dtype
         self.scheduler = scheduler
+        self._warned_unused = False
+        batch_norms = [name for name, m in model.named_modules()
+                       if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        if batch_norms:
+            warnings.warn(
+                f"the model has BatchNorm layers ({', '.join(batch_norms[:3])}"
+                f"{', ...' if len(batch_norms) > 3 else ''}): their batch statistics depend on the "
+                f"micro-batch size, so accumulation is not exactly equivalent to one large batch; "
+                f"use LayerNorm/GroupNorm, or SyncBatchNorm statistics over the whole window", stacklevel=2)
 
     def _params(self) -> list[torch.Tensor]:
         return [p for group in self.optimizer.param_groups for p in group["params"]]
@@ -119,48 +149,89 @@ class GradientAccumulator:
         no_sync = getattr(self.model, "no_sync", None)
         return contextlib.nullcontext() if last or no_sync is None else no_sync()
 
-    def accumulate(self, batch: Batch, loss_fn: LossFn) -> tuple[torch.Tensor, torch.Tensor, int]:
-        """Zero the gradients, then add the summed-loss gradient of every micro-batch.
+    def _autocast(self, batch: Batch) -> contextlib.AbstractContextManager:
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        device_type = _tensors(batch)[0].device.type
+        return torch.autocast(device_type=device_type, dtype=self.autocast_dtype)
 
-        Returns (summed loss, item count, micro-batches used), all local to this process.
+    def _check_no_stray_gradients(self) -> None:
+        stray = [p for p in self._params() if p.grad is not None]
+        if stray:
+            raise RuntimeError(
+                f"{len(stray)} parameters already hold gradients when an update starts: a backward() "
+                f"ran outside GradientAccumulator.step and would be silently mixed into or dropped from "
+                f"the update; call optimizer.zero_grad(set_to_none=True) before step(), and let step() "
+                f"run every backward of the window")
+
+    def accumulate(self, batch: Batch, loss_fn: LossFn) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """Add the summed-loss gradient of every micro-batch into `.grad` (zeroed beforehand).
+
+        Returns (summed loss, item count, micro-batches used), local to this process.
         """
-        self.optimizer.zero_grad(set_to_none=True)
         pieces = split_batch(batch, self.micro_batches)
         loss_total = torch.zeros(())
         items_total = torch.zeros((), dtype=torch.float64)
         for i, piece in enumerate(pieces):
             with self._sync_context(last=i == len(pieces) - 1):
-                loss_sum, n_items = loss_fn(self.model, piece)
-                if loss_sum.dim() != 0:
+                with self._autocast(piece):
+                    loss_sum, n_items = loss_fn(self.model, piece)
+                if not isinstance(loss_sum, torch.Tensor) or loss_sum.dim() != 0:
+                    shape = tuple(loss_sum.shape) if isinstance(loss_sum, torch.Tensor) else type(loss_sum).__name__
                     raise ValueError(
-                        f"loss_fn must return a scalar loss summed over the micro-batch, got shape "
-                        f"{tuple(loss_sum.shape)}; sum it (reduction='sum') and return the item count"
-                    )
-                loss_sum.backward()
+                        f"loss_fn must return a scalar loss summed over the micro-batch, got {shape}; "
+                        f"sum it (reduction='sum') and return it with the item count")
+                (self.scaler.scale(loss_sum) if self.scaler is not None else loss_sum).backward()
             if loss_total.device != loss_sum.device:
                 loss_total = loss_total.to(loss_sum.device)
                 items_total = items_total.to(loss_sum.device)
-            loss_total = loss_total + loss_sum.detach().float()
+            loss_total = loss_total + loss_sum.detach()  # float32 at least, float64 if the loss is
             items_total = items_total + n_items
         return loss_total, items_total, len(pieces)
 
+    def _accumulate_with_retry(self, batch: Batch, loss_fn: LossFn) -> tuple[torch.Tensor, torch.Tensor, int]:
+        n = batch_size(batch)
+        while True:
+            try:
+                return self.accumulate(batch, loss_fn)
+            except Exception as error:  # noqa: BLE001 - only out-of-memory is retried
+                if not (self.auto and _is_oom(error)) or self.micro_batches >= n:
+                    raise
+            # Free what the failed window held and redo it from zeroed gradients in smaller pieces.
+            self.optimizer.zero_grad(set_to_none=True)
+            gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            self.micro_batches = min(self.micro_batches * 2, n)
+            log.warning("out of memory with micro-batches of %d samples: now %d micro-batches per update",
+                        math.ceil(n / (self.micro_batches // 2 or 1)), self.micro_batches)
+
     def step(self, batch: Batch, loss_fn: LossFn) -> StepResult:
         """One optimizer update over `batch`, computed in micro-batches."""
-        loss_total, items_total, used = self.accumulate(batch, loss_fn)
+        self._check_no_stray_gradients()
+        loss_total, items_total, used = self._accumulate_with_retry(batch, loss_fn)
         world = 1
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             # DDP averaged the gradients over processes; the item count must be global too.
             world = torch.distributed.get_world_size()
             torch.distributed.all_reduce(items_total)
             torch.distributed.all_reduce(loss_total)
+        if float(items_total) <= 0:  # one host sync per update, never per micro-step
+            self.optimizer.zero_grad(set_to_none=True)
+            raise ValueError("the window has no items (n_items summed to 0): nothing to learn from; "
+                             "check loss_fn's item count and the batch's padding")
         if self.reduction == "mean":
             # One scale of the summed gradient: world / N_global turns the DDP average into the mean.
             grad_scale = world / items_total
             loss = loss_total / items_total
         else:
-            grad_scale = torch.tensor(float(world), device=items_total.device)
+            grad_scale = torch.full_like(items_total, float(world))
             loss = loss_total
-        grads = [p.grad for p in self._params() if p.grad is not None]
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)  # once per update, before clipping
+        params = self._params()
+        grads = [p.grad for p in params if p.grad is not None]
+        self._warn_unused(params)
         grad_norm = torch.zeros((), device=loss.device)
         if grads:
             norm_dtype = torch.float64 if any(g.dtype == torch.float64 for g in grads) else torch.float32
@@ -173,12 +244,29 @@ class GradientAccumulator:
             # ... and at most one write pass: normalisation and clipping in a single multiply.
             if self.max_grad_norm is not None or self.reduction == "mean" or world > 1:
                 torch._foreach_mul_(grads, total_scale.to(grads[0].device, grads[0].dtype))
-        self.optimizer.step()
-        if self.scheduler is not None:
+        skipped = False
+        if self.scaler is not None:
+            scale_before = self.scaler.get_scale()
+            self.scaler.step(self.optimizer)  # skips the step when the gradient holds inf/NaN
+            self.scaler.update()
+            skipped = self.scaler.get_scale() < scale_before
+        else:
+            self.optimizer.step()
+        if self.scheduler is not None and not skipped:
             self.scheduler.step()
-        return StepResult(loss=loss, n_items=items_total, grad_norm=grad_norm, micro_batches=used)
+        self.optimizer.zero_grad(set_to_none=True)  # frees the gradients until the next window
+        return StepResult(loss=loss, n_items=items_total, grad_norm=grad_norm, micro_batches=used,
+                          skipped=skipped)
 
-
-def is_finite(x: torch.Tensor) -> bool:
-    """True when a scalar tensor holds a finite number (one host sync)."""
-    return math.isfinite(float(x))
+    def _warn_unused(self, params: list[torch.Tensor]) -> None:
+        if self._warned_unused:
+            return
+        unused = [p for p in params if p.requires_grad and p.grad is None]
+        if unused:
+            self._warned_unused = True
+            names = {id(p): n for n, p in self.model.named_parameters()}
+            listed = ", ".join(names.get(id(p), f"<unnamed {tuple(p.shape)}>") for p in unused[:5])
+            warnings.warn(
+                f"{len(unused)} parameters with requires_grad got no gradient in this update "
+                f"({listed}{', ...' if len(unused) > 5 else ''}): they are not used by loss_fn; "
+                f"freeze them (requires_grad=False) or check the model's forward", stacklevel=3)

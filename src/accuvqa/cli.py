@@ -11,7 +11,7 @@ import logging
 import sys
 from typing import Any, Sequence
 
-from accuvqa.config import KEYS, Config, load_config
+from accuvqa.config import Config, load_config
 from accuvqa.errors import AccuvqaError, ConfigError
 
 log = logging.getLogger("accuvqa")
@@ -22,6 +22,7 @@ COMMANDS = {
     "val": "evaluate a checkpoint on the val split",
     "test": "predict the test split and write the submission file",
     "predict": "answer one question about one image",
+    "check": "measure that gradient accumulation equals the one-batch gradient on this model",
 }
 
 
@@ -111,6 +112,22 @@ def run(argv: Sequence[str] | None = None) -> int:
 
         for answer, score in predict(cfg, args.image, args.question, args.top):
             print(f"{score:.4f}  {answer}")
+        return 0
+    if args.command == "check":
+        from accuvqa.check import TOLERANCE, format_table
+        from accuvqa.train import run_check
+
+        rows, risks = run_check(cfg)
+        print(f"gradient of one batch of {cfg.BATCH_SIZE} ({cfg.LOSS_REDUCTION} loss, dropout off) "
+              f"vs the same batch in micro-batches, float32:")
+        print(format_table(rows))
+        for risk in risks:
+            print(f"note: {risk}")
+        worst = max(r.rel_diff for r in rows)
+        if worst > TOLERANCE:
+            print(f"verdict: NOT equivalent: relative difference {worst:.2e} > {TOLERANCE:.0e}")
+            return 1
+        print(f"verdict: equivalent: every relative difference <= {worst:.2e} (tolerance {TOLERANCE:.0e})")
         return 0
     raise AssertionError(args.command)
 

@@ -38,6 +38,7 @@ class Config:
     NUM_WORKERS: int = 0
     PIN_MEM: bool = False
     USE_GLOVE: bool = False
+    WORD_VECTORS: str = "en_vectors_web_lg"  # USE_GLOVE: spaCy package/folder, or a GloVe text file
     WORD_EMBED_SIZE: int = 300
     MAX_TOKEN: int = 14
     IMG_FEAT_PAD_SIZE: int = 100
@@ -55,8 +56,9 @@ class Config:
 
     # --- optimisation
     BATCH_SIZE: int = 64
-    GRAD_ACCU_STEPS: int = 1
+    GRAD_ACCU_STEPS: Union[int, str] = 1  # or "auto": double on out-of-memory
     LOSS_REDUCTION: str = "sum"  # sum (MCAN) | mean
+    AMP: str = "off"  # off | bf16 (autocast) | fp16 (autocast + GradScaler; CUDA)
     MAX_EPOCH: int = 13
     LR_BASE: float = 0.0001
     LR_DECAY_R: float = 0.2
@@ -102,8 +104,8 @@ _TYPES: dict[str, Any] = typing.get_type_hints(Config)
 def _type_name(tp: Any) -> str:
     origin = typing.get_origin(tp)
     if origin is Union:
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        return f"{_type_name(args[0])} or null"
+        names = [_type_name(a) for a in typing.get_args(tp) if a is not type(None)]
+        return " or ".join(names + (["null"] if type(None) in typing.get_args(tp) else []))
     if origin is list:
         return f"list of {_type_name(typing.get_args(tp)[0])}"
     if origin is tuple:
@@ -125,10 +127,14 @@ def _coerce(key: str, value: Any, source: str) -> Any:
 def _coerce_to(tp: Any, value: Any) -> Any:
     origin = typing.get_origin(tp)
     if origin is Union:
-        if value is None:
+        if value is None and type(None) in typing.get_args(tp):
             return None
-        (inner,) = [a for a in typing.get_args(tp) if a is not type(None)]
-        return _coerce_to(inner, value)
+        for inner in (a for a in typing.get_args(tp) if a is not type(None)):
+            try:
+                return _coerce_to(inner, value)
+            except (TypeError, ValueError):
+                continue
+        raise TypeError
     if origin is list:
         if not isinstance(value, (list, tuple)):
             raise TypeError
@@ -187,7 +193,11 @@ def _validate(cfg: Config, sources: Mapping[str, str]) -> None:
             f"{where('HIDDEN_SIZE') or where('MULTI_HEAD')}; e.g. HIDDEN_SIZE "
             f"{cfg.HIDDEN_SIZE // cfg.MULTI_HEAD * cfg.MULTI_HEAD or cfg.MULTI_HEAD}"
         )
-    if cfg.GRAD_ACCU_STEPS < 1:
+    if isinstance(cfg.GRAD_ACCU_STEPS, str):
+        if cfg.GRAD_ACCU_STEPS != "auto":
+            raise ConfigError(f"GRAD_ACCU_STEPS must be a positive integer or 'auto', got "
+                              f"{cfg.GRAD_ACCU_STEPS!r}{where('GRAD_ACCU_STEPS')}")
+    elif cfg.GRAD_ACCU_STEPS < 1:
         raise ConfigError(
             f"GRAD_ACCU_STEPS must be at least 1, got {cfg.GRAD_ACCU_STEPS}{where('GRAD_ACCU_STEPS')}"
         )
@@ -196,6 +206,8 @@ def _validate(cfg: Config, sources: Mapping[str, str]) -> None:
         raise ConfigError(f"DROPOUT_R must be in [0, 1), got {cfg.DROPOUT_R}{where('DROPOUT_R')}")
     if cfg.LOSS_REDUCTION not in ("sum", "mean"):
         raise ConfigError(f"LOSS_REDUCTION must be 'sum' or 'mean', got {cfg.LOSS_REDUCTION!r}")
+    if cfg.AMP not in ("off", "bf16", "fp16"):
+        raise ConfigError(f"AMP must be off, bf16 or fp16, got {cfg.AMP!r}{where('AMP')}")
     if cfg.DATASET not in ("vqa", "easyvqa"):
         raise ConfigError(f"DATASET must be 'vqa' or 'easyvqa', got {cfg.DATASET!r}")
     if not 0.0 < cfg.VAL_FRACTION < 1.0:
@@ -212,7 +224,7 @@ def check_batch_split(cfg: Config, world_size: int) -> None:
             f"({world_size}): BATCH_SIZE is the effective batch over all processes"
         )
     per_process = cfg.BATCH_SIZE // world_size
-    if cfg.GRAD_ACCU_STEPS > per_process:
+    if cfg.GRAD_ACCU_STEPS != "auto" and cfg.GRAD_ACCU_STEPS > per_process:
         raise ConfigError(
             f"GRAD_ACCU_STEPS ({cfg.GRAD_ACCU_STEPS}) is larger than the per-process batch "
             f"({per_process} = BATCH_SIZE {cfg.BATCH_SIZE} / {world_size} processes): "

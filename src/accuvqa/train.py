@@ -22,6 +22,7 @@ from accuvqa.accumulate import GradientAccumulator
 from accuvqa.checkpoint import checkpoint_path, load_checkpoint, save_checkpoint
 from accuvqa.config import Config, check_batch_split
 from accuvqa.data.vocab import build_answer_dict, build_token_dict, load_answer_dict
+from accuvqa.data.word_vectors import load_pretrained_embedding
 from accuvqa.data.vqa import (FOLDERS, QuestionRecord, VQADataset, annotation_file, index_features,
                               load_split, parse_splits, question_file)
 from accuvqa.errors import CheckpointError, ConfigError, DataError
@@ -98,6 +99,26 @@ def epoch_batches(n_samples: int, cfg: Config, epoch: int, rt: Runtime) -> list[
             for b in range(n_batches)]
 
 
+def mixed_precision(cfg: Config, device: torch.device) -> dict[str, Any]:
+    """GradientAccumulator arguments for AMP: autocast dtype, and a GradScaler for fp16."""
+    if cfg.AMP == "off":
+        return {}
+    if cfg.AMP == "fp16":
+        if device.type != "cuda":
+            raise ConfigError("AMP fp16 needs a CUDA device (gradient scaling); on CPU use AMP bf16 or off")
+        return {"autocast_dtype": torch.float16, "scaler": torch.amp.GradScaler("cuda")}
+    return {"autocast_dtype": torch.bfloat16}
+
+
+def effective_batch_text(batch_size: int, micro_batches: int, world_size: int) -> str:
+    """'BATCH_SIZE 64 = 32 x 2 x 1', noting uneven micro-batches."""
+    micro = math.ceil(batch_size / world_size / micro_batches)
+    text = f"BATCH_SIZE {batch_size} = {micro} x {micro_batches} x {world_size}"
+    if batch_size % (world_size * micro_batches):
+        text += " (uneven micro-batches, exact)"
+    return text
+
+
 def make_loss_fn(reduction: str):
     """MCAN's loss: BCE-with-logits on soft answer scores, summed; items counted for `mean`."""
 
@@ -150,10 +171,11 @@ def build_vocab(cfg: Config, train_records: list[QuestionRecord]) -> Vocab:
         except (OSError, ValueError) as e:
             raise DataError(f"cannot read TOKEN_DICT_PATH {cfg.TOKEN_DICT_PATH}: {e}") from None
     else:
-        splits = parse_splits(cfg.TRAIN_SPLIT) + ["val", "test"]
         questions: list[str] = []
-        for split in dict.fromkeys(["train", "val", "test", "vg"]):
-            if split in splits and question_file(cfg.DATASET_PATH, split).is_file():
+        # mcan-vqa reads all four question files whatever TRAIN_SPLIT is, so an original checkpoint
+        # trained on train+val+vg fits a val/test run configured with TRAIN_SPLIT train.
+        for split in ("train", "val", "test", "vg"):
+            if question_file(cfg.DATASET_PATH, split).is_file():
                 questions += [r.question for r in load_split(cfg.DATASET_PATH, split, need_answers=False)]
         token_to_ix = build_token_dict(questions)
     if cfg.ANSWER_DICT_PATH:
@@ -289,7 +311,7 @@ def train(cfg: Config) -> dict[str, Any]:
     if rt.is_main:
         _run_dir_guard(cfg)
     train_records = load_records(cfg, cfg.TRAIN_SPLIT, need_answers=True)
-    resume_state = _resume_state(cfg) if cfg.RESUME else None
+    resume_state, resume_path = _resume_state(cfg) if cfg.RESUME else (None, None)
     if resume_state is not None and "token_to_ix" in resume_state:
         vocab = Vocab(resume_state["token_to_ix"], resume_state["ans_to_ix"])
     else:
@@ -304,14 +326,20 @@ def train(cfg: Config) -> dict[str, Any]:
     if n_batches == 0:
         raise ConfigError(f"BATCH_SIZE {cfg.BATCH_SIZE} is larger than the training set ({len(train_set)} questions)")
 
-    model = build_model(cfg, len(vocab.token_to_ix), len(vocab.ans_to_ix)).to(rt.device)
+    pretrained_emb = (load_pretrained_embedding(cfg, vocab.token_to_ix)
+                      if cfg.USE_GLOVE and resume_state is None else None)
+    model = build_model(cfg, len(vocab.token_to_ix), len(vocab.ans_to_ix), pretrained_emb).to(rt.device)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.LR_BASE, betas=cfg.OPT_BETAS, eps=cfg.OPT_EPS,
                                  foreach=True)
     start_epoch, step = 0, 0
     if resume_state is not None:
-        model.load_state_dict(resume_state["state_dict"])
-        optimizer.load_state_dict(resume_state["optimizer"])
-        start_epoch, step = int(resume_state.get("epoch", cfg.CKPT_EPOCH)), int(resume_state.get("step", 0))
+        load_weights(model, resume_state, resume_path)
+        _load_optimizer_state(optimizer, resume_state, resume_path)
+        start_epoch = int(resume_state.get("epoch", cfg.CKPT_EPOCH))
+        # An mcan-vqa checkpoint has no step count; mcan-vqa resumes its warm-up counter at
+        # int(data_size / BATCH_SIZE * CKPT_EPOCH).
+        step = (int(resume_state["step"]) if "step" in resume_state
+                else int(len(train_set) / cfg.BATCH_SIZE * start_epoch))
         if "rng_torch" in resume_state:
             torch.set_rng_state(resume_state["rng_torch"])
     if rt.world_size > 1:
@@ -319,12 +347,10 @@ def train(cfg: Config) -> dict[str, Any]:
             model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None)
     accumulator = GradientAccumulator(
         model, optimizer, micro_batches=cfg.GRAD_ACCU_STEPS, reduction=cfg.LOSS_REDUCTION,
-        max_grad_norm=cfg.GRAD_NORM_CLIP if cfg.GRAD_NORM_CLIP > 0 else None)
+        max_grad_norm=cfg.GRAD_NORM_CLIP if cfg.GRAD_NORM_CLIP > 0 else None,
+        **mixed_precision(cfg, rt.device))
     loss_fn = make_loss_fn(cfg.LOSS_REDUCTION)
-    micro = math.ceil(cfg.BATCH_SIZE / rt.world_size / cfg.GRAD_ACCU_STEPS)
-    effective = f"BATCH_SIZE {cfg.BATCH_SIZE} = {micro} x {cfg.GRAD_ACCU_STEPS} x {rt.world_size}"
-    if cfg.BATCH_SIZE % (rt.world_size * cfg.GRAD_ACCU_STEPS):
-        effective += " (uneven micro-batches, exact)"
+    effective = effective_batch_text(cfg.BATCH_SIZE, accumulator.micro_batches, rt.world_size)
     if rt.is_main:
         n_params = sum(p.numel() for p in model.parameters())
         log.info("train: %d questions, %d images; %d updates/epoch; %s (micro-batch x "
@@ -339,15 +365,20 @@ def train(cfg: Config) -> dict[str, Any]:
         bar = tqdm(total=len(batches), desc=f"epoch {epoch + 1}/{cfg.MAX_EPOCH}", file=sys.stderr,
                    disable=not (rt.is_main and cfg.VERBOSE), dynamic_ncols=True,
                    mininterval=0.5 if sys.stderr.isatty() else 15.0)
-        epoch_start, loss_sum, item_sum = time.perf_counter(), torch.zeros(()), torch.zeros((), dtype=torch.float64)
+        # Running sums stay on the device: reading them (a host sync) happens only when logging.
+        epoch_start = time.perf_counter()
+        loss_sum = torch.zeros((), dtype=torch.float64, device=rt.device)
+        item_sum = torch.zeros((), dtype=torch.float64, device=rt.device)
         for batch in batch_loader(train_set, batches, cfg):
             step += 1
             lr = lr_at(cfg, step, epoch, updates_per_epoch)
             for group in optimizer.param_groups:
                 group["lr"] = lr
             result = accumulator.step(to_device(batch, rt.device), loss_fn)
-            loss_sum += result.loss.detach().cpu() * (1 if cfg.LOSS_REDUCTION == "sum" else result.n_items.cpu())
-            item_sum += result.n_items.cpu()
+            if result.skipped:
+                log.warning("update %d skipped: fp16 gradient overflow (the loss scale is lowered)", step)
+            loss_sum += result.loss.detach() * (1 if cfg.LOSS_REDUCTION == "sum" else result.n_items)
+            item_sum += result.n_items
             samples_seen += cfg.BATCH_SIZE
             bar.update(1)
             if bar.n % 20 == 0 or bar.n == len(batches):
@@ -374,7 +405,7 @@ def train(cfg: Config) -> dict[str, Any]:
     wall = time.perf_counter() - started
     summary = {"version": cfg.run_version, "epochs": cfg.MAX_EPOCH, "updates": step,
                "wall_time_s": wall, "samples_per_s": samples_seen / wall if wall > 0 else 0.0,
-               "effective_batch": effective,
+               "effective_batch": effective_batch_text(cfg.BATCH_SIZE, accumulator.micro_batches, rt.world_size),
                "val_accuracy": last_eval["accuracy"] if last_eval else None,
                "checkpoint": str(checkpoint_path(cfg.CKPTS_PATH, cfg.run_version, cfg.MAX_EPOCH))}
     return summary
@@ -384,7 +415,7 @@ def _types(line: dict[str, Any]) -> str:
     return "(" + ", ".join(f"{k} {v:.2f}" for k, v in sorted(line["per_answer_type"].items())) + ")"
 
 
-def _resume_state(cfg: Config) -> dict[str, Any]:
+def _resume_state(cfg: Config) -> tuple[dict[str, Any], Path]:
     version = cfg.CKPT_VERSION or cfg.run_version
     if cfg.CKPT_PATH:
         path = Path(cfg.CKPT_PATH)
@@ -394,7 +425,20 @@ def _resume_state(cfg: Config) -> dict[str, Any]:
         path = checkpoint_path(cfg.CKPTS_PATH, version, cfg.CKPT_EPOCH)
     state = load_checkpoint(path)
     log.info("resuming from %s", path)
-    return state
+    return state, path
+
+
+def _load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict[str, Any], path: Path) -> None:
+    """Restore Adam's moments from a checkpoint (ours or mcan-vqa's); an empty entry starts afresh."""
+    saved = state.get("optimizer")
+    if not saved:
+        log.warning("%s holds no optimizer state: Adam's moments start from zero", path)
+        return
+    try:
+        optimizer.load_state_dict(saved)
+    except (KeyError, ValueError, TypeError) as e:
+        raise CheckpointError(f"{path}: its optimizer state does not fit this model ({e}); "
+                              f"resume with the config the checkpoint was trained with") from None
 
 
 # ----------------------------------------------------------------------------- val / test / predict
@@ -413,20 +457,33 @@ def load_trained(cfg: Config, device: torch.device) -> tuple[torch.nn.Module, Vo
         vocab = build_vocab(cfg, load_records(cfg, cfg.TRAIN_SPLIT, need_answers=True)
                             if not cfg.ANSWER_DICT_PATH else [])
     model = build_model(cfg, len(vocab.token_to_ix), len(vocab.ans_to_ix))
+    load_weights(model, state, path)
+    return model.to(device), vocab, path
+
+
+def load_weights(model: torch.nn.Module, state: dict[str, Any], path: Path) -> None:
+    """Load a checkpoint's state_dict strictly; size mismatches name the dictionary to pin.
+
+    mcan-vqa saves the weights of a multi-GPU run as `nn.DataParallel` does, every key prefixed
+    with 'module.'; that prefix is removed.
+    """
+    weights = state["state_dict"]
+    if weights and all(k.startswith("module.") for k in weights):
+        weights = {k[len("module."):]: v for k, v in weights.items()}
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     for key in ("embedding.weight", "proj.weight"):
-        got = state["state_dict"].get(key)
-        if got is not None and tuple(got.shape) != expected[key]:
+        got = weights.get(key)
+        if got is not None and key in expected and tuple(got.shape) != expected[key]:
             what = "token dictionary" if key == "embedding.weight" else "answer dictionary"
             raise CheckpointError(
                 f"{path}: {key} has {got.shape[0]} rows but the {what} has {expected[key][0]} entries; "
                 f"pin the dictionary the checkpoint was trained with (TOKEN_DICT_PATH / ANSWER_DICT_PATH)")
     try:
-        model.load_state_dict(state["state_dict"], strict=True)
+        model.load_state_dict(weights, strict=True)
     except RuntimeError as e:
-        raise CheckpointError(f"{path} does not match the configured model: {str(e).splitlines()[0]}; "
+        detail = " ".join(line.strip() for line in str(e).splitlines()[:2])[:300]
+        raise CheckpointError(f"{path} does not match the configured model: {detail}; "
                               f"check LAYER, HIDDEN_SIZE and the other model keys") from None
-    return model.to(device), vocab, path
 
 
 def run_eval(cfg: Config, split: str) -> dict[str, Any]:
@@ -499,3 +556,22 @@ def predict(cfg: Config, image: str, question: str, top_k: int = 5) -> list[tupl
     top = torch.topk(scores, min(top_k, scores.numel()))
     ix_to_ans = vocab.ix_to_ans
     return [(ix_to_ans[i], float(s)) for s, i in zip(top.values.tolist(), top.indices.tolist())]
+
+
+def run_check(cfg: Config) -> tuple[list, list[str]]:
+    """`check`: on the configured model and one real batch, dropout off, compare the gradient of
+    GRAD_ACCU_STEPS, 2, 4 and 8 micro-batches with the one-batch gradient."""
+    from accuvqa.check import check_equivalence, equivalence_risks
+
+    rt = setup_runtime(cfg)
+    records = load_records(cfg, cfg.TRAIN_SPLIT, need_answers=True)
+    vocab = build_vocab(cfg, records)
+    dataset = make_dataset(cfg, records, vocab)
+    if len(dataset) < cfg.BATCH_SIZE:
+        raise ConfigError(f"BATCH_SIZE {cfg.BATCH_SIZE} is larger than the training set ({len(dataset)} questions)")
+    batch = to_device(dataset[epoch_batches(len(dataset), cfg, 0, rt)[0]], rt.device)
+    torch.manual_seed(cfg.SEED)
+    model = build_model(cfg.replace(DROPOUT_R=0.0), len(vocab.token_to_ix), len(vocab.ans_to_ix)).to(rt.device)
+    counts = [2, 4, 8] + ([cfg.GRAD_ACCU_STEPS] if isinstance(cfg.GRAD_ACCU_STEPS, int) else [])
+    rows = check_equivalence(model, batch, make_loss_fn(cfg.LOSS_REDUCTION), counts, cfg.LOSS_REDUCTION)
+    return rows, equivalence_risks(model, cfg.DROPOUT_R)
