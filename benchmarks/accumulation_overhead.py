@@ -10,7 +10,6 @@ of the machine affects both; the ratio of medians is printed (engine / hand; 1.0
 from __future__ import annotations
 
 import argparse
-import statistics
 import time
 
 import torch
@@ -73,7 +72,7 @@ def main() -> None:
                         engine.step(batch, loss_fn)
                 if round_:
                     times[name].append((time.perf_counter() - start) / len(batches))
-        hand, eng = statistics.median(times["hand"]), statistics.median(times["engine"])
+        hand, eng = min(times["hand"]), min(times["engine"])
         print(f"{k:>3}  {hand:>13.4f}  {eng:>15.4f}  {eng / hand:>6.3f}")
 
 

@@ -237,7 +237,7 @@ class GradientAccumulator:
             norm_dtype = torch.float64 if any(g.dtype == torch.float64 for g in grads) else torch.float32
             # Norm of the summed gradient, times the scale: one read pass over the gradients ...
             grad_norm = torch.linalg.vector_norm(torch.stack(
-                [torch.linalg.vector_norm(g, dtype=norm_dtype) for g in grads])) * grad_scale.to(norm_dtype)
+                torch._foreach_norm(grads, 2, dtype=norm_dtype))) * grad_scale.to(norm_dtype)
             total_scale = grad_scale.to(norm_dtype)
             if self.max_grad_norm is not None:
                 total_scale = total_scale * torch.clamp(self.max_grad_norm / (grad_norm + 1e-6), max=1.0)
