@@ -126,3 +126,16 @@ def test_config_is_immutable_and_replace_validates():
     with pytest.raises(ConfigError):
         cfg.replace(MULTI_HEAD=7)
     assert isinstance(cfg, Config)
+
+
+def test_grad_accu_steps_auto_from_yaml_and_command_line(tmp_path):
+    assert load_config(write(tmp_path, "GRAD_ACCU_STEPS: auto\n")).GRAD_ACCU_STEPS == "auto"
+    assert load_config(overrides={"GRAD_ACCU_STEPS": "auto"}).GRAD_ACCU_STEPS == "auto"
+    with pytest.raises(ConfigError, match=r"GRAD_ACCU_STEPS must be a positive integer or 'auto', got 'many'"):
+        load_config(overrides={"GRAD_ACCU_STEPS": "many"})
+
+
+def test_amp_setting_is_checked():
+    assert load_config(overrides={"AMP": "bf16"}).AMP == "bf16"
+    with pytest.raises(ConfigError, match=r"AMP must be off, bf16 or fp16, got 'fp8'"):
+        load_config(overrides={"AMP": "fp8"})

@@ -15,7 +15,7 @@ from accuvqa.config import load_config
 from accuvqa.accumulate import GradientAccumulator
 from accuvqa.models import build_model
 from accuvqa.train import (Runtime, build_vocab, epoch_batches, load_records, lr_at, make_dataset,
-                           make_loss_fn, to_device)
+                           make_loss_fn, to_device, train)
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = {"LAYER": 1, "HIDDEN_SIZE": 32, "MULTI_HEAD": 4, "FF_SIZE": 64, "FLAT_MLP_SIZE": 32,
@@ -175,3 +175,31 @@ def test_check_flags_batchnorm_as_non_equivalent():
         rows = check_equivalence(model, batch, loss_fn, [4])
     assert rows[1].rel_diff > 1e-2  # statistics of 4 samples are not those of 16
     assert "BatchNorm" in equivalence_risks(model, 0.0)[0]
+
+
+def test_a_resumed_run_ends_with_the_same_weights_as_an_uninterrupted_one(easyvqa_slice, tmp_path):
+    base = {**TINY, "DATASET_PATH": easyvqa_slice["DATASET_PATH"], "FEATURE_PATH": easyvqa_slice["FEATURE_PATH"],
+            "CKPTS_PATH": str(tmp_path / "ck"), "RESULT_PATH": str(tmp_path / "res"), "MAX_EPOCH": 2,
+            "DROPOUT_R": 0.1, "EVAL_EVERY_EPOCH": False}
+    cfg = load_config(ROOT / "configs/easyvqa.yml", {**base, "VERSION": "whole"})
+    train(cfg)
+    train(cfg.replace(VERSION="part", MAX_EPOCH=1))  # "killed" after its first epoch
+    train(cfg.replace(VERSION="part", RESUME=True, CKPT_EPOCH=1))
+    whole = load_checkpoint(tmp_path / "ck/ckpt_whole/epoch2.pkl")
+    resumed = load_checkpoint(tmp_path / "ck/ckpt_part/epoch2.pkl")
+    assert whole["step"] == resumed["step"]
+    for key, value in whole["state_dict"].items():
+        assert torch.equal(value, resumed["state_dict"][key]), key
+
+
+def test_training_with_bf16_autocast_and_auto_micro_batches(easyvqa_slice, tmp_path):
+    cfg = load_config(ROOT / "configs/easyvqa.yml", {
+        **TINY, "DATASET_PATH": easyvqa_slice["DATASET_PATH"], "FEATURE_PATH": easyvqa_slice["FEATURE_PATH"],
+        "CKPTS_PATH": str(tmp_path / "ck"), "RESULT_PATH": str(tmp_path / "res"), "MAX_EPOCH": 1,
+        "AMP": "bf16", "GRAD_ACCU_STEPS": "auto", "VERSION": "bf16"})
+    summary = train(cfg)
+    assert summary["effective_batch"].startswith("BATCH_SIZE 64 = 64 x 1 x 1")  # no OOM on CPU: one piece
+    state = load_checkpoint(tmp_path / "ck/ckpt_bf16/epoch1.pkl")
+    assert all(v.dtype == torch.float32 for v in state["state_dict"].values() if v.is_floating_point())
+    line = json.loads((tmp_path / "res/bf16/metrics.jsonl").read_text().splitlines()[-1])
+    assert np.isfinite(line["loss"]) and 0 < line["accuracy"] <= 100

@@ -62,7 +62,13 @@ class MCAN(nn.Module):
         lang_mask = make_mask(ques_ix.unsqueeze(2))  # (B, 1, 1, T)
         img_mask = make_mask(img_feat)  # (B, 1, 1, N)
 
-        lang_feat, _ = self.lstm(self.embedding(ques_ix))  # (B, T, H)
+        emb = self.embedding(ques_ix)  # (B, T, WORD_EMBED_SIZE)
+        if emb.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
+            # oneDNN has no reduced-precision LSTM for every shape: run the LSTM in float32.
+            with torch.autocast("cpu", enabled=False):
+                lang_feat, _ = self.lstm(emb.float())  # (B, T, H)
+        else:
+            lang_feat, _ = self.lstm(emb)  # (B, T, H)
         img = self.img_feat_linear(img_feat)  # (B, N, H)
 
         lang_feat, img = self.backbone(lang_feat, img, lang_mask, img_mask)
