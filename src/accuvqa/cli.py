@@ -17,7 +17,8 @@ from accuvqa.errors import AccuvqaError, ConfigError
 log = logging.getLogger("accuvqa")
 
 COMMANDS = {
-    "prepare": "write the bundled easy-VQA data in the VQA v2 layout (DATASET easyvqa)",
+    "prepare": "write the bundled easy-VQA data in the VQA v2 layout (DATASET easyvqa), "
+               "or check a VQA v2 tree (DATASET vqa)",
     "train": "train a model; checkpoint and evaluate after each epoch",
     "val": "evaluate a checkpoint on the val split",
     "test": "predict the test split and write the submission file",
@@ -76,6 +77,9 @@ def _print_table(title: str, rows: dict[str, Any]) -> None:
 
 def run(argv: Sequence[str] | None = None) -> int:
     """Parse `argv`, run the sub-command, return the exit code."""
+    from accuvqa.legacy import translate_argv
+
+    argv = translate_argv(list(sys.argv[1:] if argv is None else argv))  # mcan-vqa's run.py flags
     args, rest = _parser().parse_known_args(argv)
     cfg: Config = load_config(args.config, parse_overrides(rest))
     _setup_logging(cfg.VERBOSE)
@@ -134,11 +138,18 @@ def run(argv: Sequence[str] | None = None) -> int:
 
 def _prepare(cfg: Config) -> int:
     if cfg.DATASET != "easyvqa":
-        from accuvqa.data.vqa import parse_splits
+        from accuvqa.data.validate import validate_vqa_tree
 
-        raise ConfigError(
-            f"prepare writes the bundled dataset (DATASET easyvqa); DATASET is {cfg.DATASET!r}. "
-            f"For VQA v2, lay out the files as docs/vqa-v2.md says (splits {parse_splits(cfg.TRAIN_SPLIT)})")
+        summary = validate_vqa_tree(cfg)
+        _print_table(f"VQA v2 tree at {cfg.DATASET_PATH} and {cfg.FEATURE_PATH}: complete", {
+            split: (f"{v['questions']} questions, "
+                    + (f"{v['annotations']} annotated, " if v["annotations"] is not None else "")
+                    + f"{v['images']} images, {v['feature_files']} feature files, "
+                    f"regions {'/'.join(map(str, v['sampled_regions']))} in the first files")
+            for split, v in summary["splits"].items()})
+        for note in summary["notes"]:
+            print(f"note: {note}")
+        return 0
     from tqdm import tqdm
 
     from accuvqa.data.easyvqa import prepare_easyvqa
