@@ -375,10 +375,11 @@ def train(cfg: Config) -> dict[str, Any]:
             for group in optimizer.param_groups:
                 group["lr"] = lr
             result = accumulator.step(to_device(batch, rt.device), loss_fn)
-            if result.skipped:
+            if result.skipped:  # its loss is inf/NaN by construction: keep it out of the running mean
                 log.warning("update %d skipped: fp16 gradient overflow (the loss scale is lowered)", step)
-            loss_sum += result.loss.detach() * (1 if cfg.LOSS_REDUCTION == "sum" else result.n_items)
-            item_sum += result.n_items
+            else:
+                loss_sum += result.loss.detach() * (1 if cfg.LOSS_REDUCTION == "sum" else result.n_items)
+                item_sum += result.n_items
             samples_seen += cfg.BATCH_SIZE
             bar.update(1)
             if bar.n % 20 == 0 or bar.n == len(batches):
