@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from typing import Any, Sequence
 
@@ -89,6 +90,8 @@ def run(argv: Sequence[str] | None = None) -> int:
         from accuvqa.train import train
 
         s = train(cfg)
+        if int(os.environ.get("RANK", "0")) != 0:  # under torchrun only the first process reports
+            return 0
         _print_table(f"training done: run {s['version']}", {
             "val accuracy": f"{s['val_accuracy']:.2f}%" if s["val_accuracy"] is not None else "not evaluated",
             "wall time": f"{s['wall_time_s']:.1f} s",
