@@ -121,6 +121,15 @@ def test_cli_trains_evaluates_tests_and_predicts_on_a_slice(easyvqa_slice, tmp_p
     assert len(rows) == 5 and all(0.0 <= float(s) <= 1.0 for s, _ in rows)
     assert [float(s) for s, _ in rows] == sorted((float(s) for s, _ in rows), reverse=True)
 
+    import easy_vqa
+    png = easy_vqa.get_test_image_paths()[0]
+    r = run_cli("predict", *common, "--CKPT_EPOCH", "2", "--image", png, "--question", "Is there a circle?",
+                cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert len(r.stdout.strip().splitlines()) == 5
+    r = run_cli("predict", *common, "--CKPT_EPOCH", "2", "--image", "nope.png", "--question", "?", cwd=tmp_path)
+    assert r.returncode == 2 and "image nope.png does not exist" in r.stderr
+
     # a second run under the same name never overwrites the first one's checkpoints
     before = (tmp_path / "ck/ckpt_e2e/epoch2.pkl").read_bytes()
     r = run_cli("train", *common, cwd=tmp_path)
