@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import pickle
 import tempfile
@@ -36,6 +37,15 @@ def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def write_json_atomic(path: str | Path, obj: Any) -> Path:
+    """Write `obj` as JSON through a temporary file renamed over `path` (never a torn file)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj))
+    os.replace(tmp, path)
+    return path
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from accuvqa.accumulate import GradientAccumulator
-from accuvqa.checkpoint import checkpoint_path, load_checkpoint, save_checkpoint
+from accuvqa.checkpoint import checkpoint_path, load_checkpoint, save_checkpoint, write_json_atomic
 from accuvqa.config import Config, check_batch_split
 from accuvqa.data.vocab import build_answer_dict, build_token_dict, load_answer_dict
 from accuvqa.data.word_vectors import load_pretrained_embedding
@@ -72,13 +72,18 @@ def setup_runtime(cfg: Config) -> Runtime:
     return Runtime(device=device, rank=rank, world_size=world_size)
 
 
+def lr_base_at(cfg: Config, epoch: int) -> float:
+    """LR_BASE after MCAN's decays: times LR_DECAY_R for each listed 0-based epoch <= `epoch`."""
+    return cfg.LR_BASE * cfg.LR_DECAY_R ** sum(1 for e in cfg.LR_DECAY_LIST if epoch >= e)
+
+
 def lr_at(cfg: Config, update: int, epoch: int, updates_per_epoch: float) -> float:
     """MCAN's learning rate for the `update`-th update (from 1) during 0-based `epoch`.
 
     Warm-up: LR_BASE x 1/4, 2/4, 3/4 over the first three epochs' worth of updates, then LR_BASE;
     LR_BASE is multiplied by LR_DECAY_R from each 0-based epoch listed in LR_DECAY_LIST on.
     """
-    base = cfg.LR_BASE * cfg.LR_DECAY_R ** sum(1 for e in cfg.LR_DECAY_LIST if epoch >= e)
+    base = lr_base_at(cfg, epoch)
     for k in (1, 2, 3):
         if update <= int(updates_per_epoch * k):
             return base * k / 4
@@ -286,11 +291,10 @@ def _run_dir_guard(cfg: Config) -> None:
 def checkpoint_state(cfg: Config, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                      vocab: Vocab, epoch: int, step: int) -> dict[str, Any]:
     """What a checkpoint holds: mcan-vqa's keys plus what an exact resume needs."""
-    base = cfg.LR_BASE * cfg.LR_DECAY_R ** sum(1 for e in cfg.LR_DECAY_LIST if epoch > e)
     return {
         "state_dict": _unwrap(model).state_dict(),
         "optimizer": optimizer.state_dict(),
-        "lr_base": base,
+        "lr_base": lr_base_at(cfg, epoch - 1),  # mcan-vqa: the base of the epoch just finished
         "config": cfg.to_dict(),
         "epoch": epoch,  # epochs completed
         "step": step,  # updates completed
@@ -502,11 +506,11 @@ def run_eval(cfg: Config, split: str) -> dict[str, Any]:
     summary: dict[str, Any] = {"checkpoint": str(path), "split": split, "questions": len(records)}
     if split == "test":
         submission = [{"question_id": r.question_id, "answer": a} for r, a in zip(records, answers)]
-        summary["submission"] = str(_write_json_atomic(out_dir / "result_test.json", submission))
+        summary["submission"] = str(write_json_atomic(out_dir / "result_test.json", submission))
     if split == "val" and cfg.TEST_SAVE_PRED:
         preds = [{"question_id": r.question_id, "answer": a, "score": float(s)}
                  for r, a, s in zip(records, answers, top_score)]
-        summary["predictions"] = str(_write_json_atomic(out_dir / "result_val_pred.json", preds))
+        summary["predictions"] = str(write_json_atomic(out_dir / "result_val_pred.json", preds))
     if has_answers and all(r.answers is not None for r in records):
         result = score_predictions(records, answers)
         state_epoch = load_checkpoint(path).get("epoch", cfg.CKPT_EPOCH)
@@ -515,13 +519,6 @@ def run_eval(cfg: Config, split: str) -> dict[str, Any]:
                              "loss": loss, "per_question_type": result["per_question_type"]})
         summary.update(accuracy=result["accuracy"], per_answer_type=result["per_answer_type"])
     return summary
-
-
-def _write_json_atomic(path: Path, obj: Any) -> Path:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj))
-    tmp.replace(path)
-    return path
 
 
 def predict(cfg: Config, image: str, question: str, top_k: int = 5) -> list[tuple[str, float]]:

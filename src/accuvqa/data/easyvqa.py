@@ -9,13 +9,13 @@ becomes test2015, with annotations so that `accuvqa test` reports its accuracy.
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
 
+from accuvqa.checkpoint import write_json_atomic
 from accuvqa.config import Config
 from accuvqa.data.vqa import FOLDERS, annotation_file, feature_file, question_file
 from accuvqa.errors import DataError
@@ -148,8 +148,8 @@ def prepare_easyvqa(cfg: Config, progress: Callable[[Sequence, str], Sequence] =
                                for qid, q, i in zip(qids, questions, image_ids)]}
         ajson = {"annotations": [_annotation(qid, int(i), q, a)
                                  for qid, q, a, i in zip(qids, questions, answers, image_ids)]}
-        _write_json(question_file(dataset_path, split), qjson)
-        _write_json(annotation_file(dataset_path, split), ajson)
+        write_json_atomic(question_file(dataset_path, split), qjson)
+        write_json_atomic(annotation_file(dataset_path, split), ajson)
         out_dir = Path(cfg.FEATURE_PATH) / folder
         out_dir.mkdir(parents=True, exist_ok=True)
         images = sorted(set(int(i) for i in image_ids))
@@ -169,8 +169,3 @@ def _keep(questions: list, answers: list, image_ids: list, keep: set) -> tuple[l
     rows = [(q, a, i) for q, a, i in zip(questions, answers, image_ids) if i in keep]
     return [r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows]
 
-
-def _write_json(path: Path, obj: dict) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(obj))
-    tmp.replace(path)

@@ -66,8 +66,7 @@ class LayerNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Normalise over the last dimension."""
-        mean = x.mean(-1, keepdim=True)
-        std = x.std(-1, keepdim=True)  # unbiased, as in the original
+        std, mean = torch.std_mean(x, dim=-1, keepdim=True)  # unbiased std, as in the original
         return self.a_2 * (x - mean) / (std + self.eps) + self.b_2
 
 
