@@ -212,3 +212,9 @@ def test_training_with_bf16_autocast_and_auto_micro_batches(easyvqa_slice, tmp_p
     assert all(v.dtype == torch.float32 for v in state["state_dict"].values() if v.is_floating_point())
     line = json.loads((tmp_path / "res/bf16/metrics.jsonl").read_text().splitlines()[-1])
     assert np.isfinite(line["loss"]) and 0 < line["accuracy"] <= 100
+
+
+def test_a_corrupt_checkpoint_is_named_not_a_traceback(tmp_path):
+    (tmp_path / "bad.pkl").write_bytes(b"\x80\x04 not a checkpoint")
+    r = run_cli("val", "--CKPT_PATH", "bad.pkl", cwd=tmp_path)
+    assert r.returncode == 2 and "cannot load checkpoint bad.pkl" in r.stderr and "Traceback" not in r.stderr

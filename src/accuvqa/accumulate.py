@@ -202,9 +202,10 @@ class GradientAccumulator:
             gc.collect()
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
+            failed_size = math.ceil(n / self.micro_batches)
             self.micro_batches = min(self.micro_batches * 2, n)
             log.warning("out of memory with micro-batches of %d samples: now %d micro-batches per update",
-                        math.ceil(n / (self.micro_batches // 2 or 1)), self.micro_batches)
+                        failed_size, self.micro_batches)
 
     def step(self, batch: Batch, loss_fn: LossFn) -> StepResult:
         """One optimizer update over `batch`, computed in micro-batches."""
