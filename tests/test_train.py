@@ -218,3 +218,19 @@ def test_a_corrupt_checkpoint_is_named_not_a_traceback(tmp_path):
     (tmp_path / "bad.pkl").write_bytes(b"\x80\x04 not a checkpoint")
     r = run_cli("val", "--CKPT_PATH", "bad.pkl", cwd=tmp_path)
     assert r.returncode == 2 and "cannot load checkpoint bad.pkl" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_worker_processes_load_the_same_batches(easyvqa_slice):
+    from accuvqa.train import batch_loader
+
+    cfg = load_config(ROOT / "configs/easyvqa.yml", {
+        "DATASET_PATH": easyvqa_slice["DATASET_PATH"], "FEATURE_PATH": easyvqa_slice["FEATURE_PATH"],
+        "PRELOAD": False, "VERBOSE": False})
+    records = load_records(cfg, "val", need_answers=True)
+    dataset = make_dataset(cfg, records, build_vocab(cfg, records))
+    batches = epoch_batches(len(dataset), cfg, 0, Runtime(torch.device("cpu")))[:3]
+    in_process = list(batch_loader(dataset, batches, cfg))
+    with_workers = list(batch_loader(dataset, batches, cfg.replace(NUM_WORKERS=2)))
+    assert len(in_process) == len(with_workers) == 3
+    for a, b in zip(in_process, with_workers):
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
