@@ -3,7 +3,9 @@
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-DEMO_VERSION ?= demo-$(shell date +%Y%m%d-%H%M%S)
+ifndef DEMO_VERSION
+DEMO_VERSION := demo-$(shell date +%Y%m%d-%H%M%S)
+endif
 CONFIG ?= configs/easyvqa.yml
 
 .PHONY: demo test setup clean-venv
@@ -19,6 +21,7 @@ demo: setup
 	$(BIN)/accuvqa prepare --config $(CONFIG)
 	$(BIN)/accuvqa train --config $(CONFIG) --VERSION $(DEMO_VERSION)
 	$(BIN)/accuvqa test --config $(CONFIG) --VERSION $(DEMO_VERSION)
+	$(BIN)/accuvqa plot --config $(CONFIG) --VERSION $(DEMO_VERSION)
 
 test: setup
 	$(BIN)/python -m pytest -q

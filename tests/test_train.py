@@ -234,3 +234,22 @@ def test_worker_processes_load_the_same_batches(easyvqa_slice):
     assert len(in_process) == len(with_workers) == 3
     for a, b in zip(in_process, with_workers):
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_plot_writes_a_png_of_the_metrics(tmp_path):
+    from PIL import Image
+
+    run_dir = tmp_path / "res" / "p1"
+    run_dir.mkdir(parents=True)
+    lines = [{"epoch": e, "step": 10 * e, "split": "val", "accuracy": 50.0 + 10 * e, "loss": 1.0 / e,
+              "per_answer_type": {"yes/no": 60.0 + 5 * e, "other": 40.0 + 15 * e}} for e in (1, 2, 3)]
+    lines.append({"epoch": 3, "step": None, "split": "test", "accuracy": 79.0, "loss": 0.4,
+                  "per_answer_type": {"yes/no": 75.0, "other": 85.0}})
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    r = run_cli("plot", "--RESULT_PATH", "res", "--VERSION", "p1", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    image = Image.open(run_dir / "metrics.png")
+    assert image.format == "PNG" and image.size == (1100, 400)
+    assert len(image.convert("RGB").getcolors(maxcolors=100_000)) > 10  # curves drawn, not a blank canvas
+    r = run_cli("plot", "--RESULT_PATH", "res", "--VERSION", "none", cwd=tmp_path)
+    assert r.returncode == 2 and "no metrics file res/none/metrics.jsonl: train a run first" in r.stderr

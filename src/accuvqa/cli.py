@@ -25,6 +25,7 @@ COMMANDS = {
     "test": "predict the test split and write the submission file",
     "predict": "answer one question about one image",
     "check": "measure that gradient accumulation equals the one-batch gradient on this model",
+    "plot": "plot accuracy and loss per epoch of a run (<RESULT_PATH>/<VERSION>/metrics.png)",
 }
 
 
@@ -119,6 +120,14 @@ def run(argv: Sequence[str] | None = None) -> int:
 
         for answer, score in predict(cfg, args.image, args.question, args.top):
             print(f"{score:.4f}  {answer}")
+        return 0
+    if args.command == "plot":
+        from pathlib import Path
+
+        from accuvqa.plot import plot_metrics
+
+        run_dir = Path(cfg.RESULT_PATH) / cfg.run_version
+        print(f"wrote {plot_metrics(run_dir / 'metrics.jsonl', run_dir / 'metrics.png')}")
         return 0
     if args.command == "check":
         from accuvqa.check import TOLERANCE, format_table
