@@ -100,7 +100,7 @@ def cli_args(run: dict, **more: str) -> list[str]:
 def test_loads_strictly_and_answers_like_the_original(tmp_path, case_name):
     run = write_original_run(tmp_path, case_name)
     cfg = load_config(overrides={**run["overrides"], "CKPT_PATH": str(run["ckpt"])})
-    model, vocab, path = load_trained(cfg, torch.device("cpu"))
+    model, vocab, path, _ = load_trained(cfg, torch.device("cpu"))
     assert path == run["ckpt"] and len(vocab.token_to_ix) == TOKEN_SIZE and len(vocab.ans_to_ix) == ANSWER_SIZE
     model.eval()
     with torch.no_grad():
@@ -145,7 +145,7 @@ def test_data_parallel_prefix_of_multi_gpu_checkpoints_is_removed(tmp_path):
     state["state_dict"] = {f"module.{k}": v for k, v in state["state_dict"].items()}
     torch.save(state, run["ckpt"])
     cfg = load_config(overrides={**run["overrides"], "CKPT_PATH": str(run["ckpt"])})
-    model, _, _ = load_trained(cfg, torch.device("cpu"))
+    model, _, _, _ = load_trained(cfg, torch.device("cpu"))
     for key, value in run["case"]["state_dict"].items():
         assert torch.equal(model.state_dict()[key], value), key
 

@@ -448,8 +448,8 @@ def _load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict[str, Any
 
 # ----------------------------------------------------------------------------- val / test / predict
 
-def load_trained(cfg: Config, device: torch.device) -> tuple[torch.nn.Module, Vocab, Path]:
-    """The model and vocabularies of the checkpoint named by CKPT_PATH or CKPT_VERSION/CKPT_EPOCH."""
+def load_trained(cfg: Config, device: torch.device) -> tuple[torch.nn.Module, Vocab, Path, int]:
+    """Model, vocabularies, path and epoch of the checkpoint named by CKPT_PATH or CKPT_VERSION/CKPT_EPOCH."""
     if cfg.CKPT_PATH:
         path = Path(cfg.CKPT_PATH)
     else:
@@ -463,7 +463,7 @@ def load_trained(cfg: Config, device: torch.device) -> tuple[torch.nn.Module, Vo
                             if not cfg.ANSWER_DICT_PATH else [])
     model = build_model(cfg, len(vocab.token_to_ix), len(vocab.ans_to_ix))
     load_weights(model, state, path)
-    return model.to(device), vocab, path
+    return model.to(device), vocab, path, int(state.get("epoch", cfg.CKPT_EPOCH))
 
 
 def load_weights(model: torch.nn.Module, state: dict[str, Any], path: Path) -> None:
@@ -494,7 +494,7 @@ def load_weights(model: torch.nn.Module, state: dict[str, Any], path: Path) -> N
 def run_eval(cfg: Config, split: str) -> dict[str, Any]:
     """`val` or `test`: evaluate a checkpoint; write predictions; return accuracy when answers exist."""
     rt = setup_runtime(cfg)
-    model, vocab, path = load_trained(cfg, rt.device)
+    model, vocab, path, epoch = load_trained(cfg, rt.device)
     has_answers = annotation_file(cfg.DATASET_PATH, split).is_file()
     records = load_split(cfg.DATASET_PATH, split, need_answers=split == "val")
     dataset = make_dataset(cfg, records, vocab)
@@ -513,8 +513,7 @@ def run_eval(cfg: Config, split: str) -> dict[str, Any]:
         summary["predictions"] = str(write_json_atomic(out_dir / "result_val_pred.json", preds))
     if has_answers and all(r.answers is not None for r in records):
         result = score_predictions(records, answers)
-        state_epoch = load_checkpoint(path).get("epoch", cfg.CKPT_EPOCH)
-        append_metrics(cfg, {"epoch": state_epoch, "step": None, "split": split,
+        append_metrics(cfg, {"epoch": epoch, "step": None, "split": split,
                              "accuracy": result["accuracy"], "per_answer_type": result["per_answer_type"],
                              "loss": loss, "per_question_type": result["per_question_type"]})
         summary.update(accuracy=result["accuracy"], per_answer_type=result["per_answer_type"])
@@ -527,7 +526,7 @@ def predict(cfg: Config, image: str, question: str, top_k: int = 5) -> list[tupl
     from accuvqa.data.vocab import encode_question
 
     rt = setup_runtime(cfg)
-    model, vocab, _ = load_trained(cfg, rt.device)
+    model, vocab, _, _ = load_trained(cfg, rt.device)
     image_path = Path(image)
     if not image_path.is_file():
         raise DataError(f"image {image} does not exist")
