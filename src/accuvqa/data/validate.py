@@ -12,8 +12,8 @@ from pathlib import Path
 from typing import Any
 
 from accuvqa.config import Config
-from accuvqa.data.vqa import (FOLDERS, LAYOUT_HINT, annotation_file, feature_file, index_features,
-                              load_split, parse_splits, question_file, read_features)
+from accuvqa.data.vqa import (FOLDERS, LAYOUT_HINT, feature_file, index_features, load_split,
+                              parse_splits, question_file, read_features)
 from accuvqa.errors import DataError
 
 SAMPLE_FILES = 3  # feature files opened per split to check their shape
@@ -38,13 +38,8 @@ def validate_vqa_tree(cfg: Config) -> dict[str, Any]:
     summary: dict[str, Any] = {"splits": {}, "notes": []}
     indexes: dict[str, dict[int, Path]] = {}
     for split in splits_to_check(cfg):
-        qpath = question_file(cfg.DATASET_PATH, split)
-        if not qpath.is_file():
-            raise DataError(f"missing {split} question file {qpath} (TRAIN_SPLIT {cfg.TRAIN_SPLIT}); {LAYOUT_HINT}")
         need_answers = split != "test"
-        if need_answers and not annotation_file(cfg.DATASET_PATH, split).is_file():
-            raise DataError(f"missing {split} annotation file {annotation_file(cfg.DATASET_PATH, split)}; "
-                            f"{LAYOUT_HINT}")
+        # load_split names a missing question or annotation file, with the expected layout
         records = load_split(cfg.DATASET_PATH, split, need_answers=need_answers)
         folders = (FOLDERS[split],) if split in FOLDERS else _VG_FOLDERS
         index: dict[int, Path] = {}
