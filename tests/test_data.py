@@ -10,7 +10,9 @@ from accuvqa.config import load_config
 from accuvqa.data.easyvqa import image_features
 from accuvqa.data.vocab import (answer_targets, build_answer_dict, build_token_dict, encode_question,
                                 soft_score, tokenize)
-from accuvqa.data.vqa import VQADataset, index_features, load_split, read_features
+from accuvqa.data.dataset import VQADataset
+from accuvqa.data.features import index_features, read_features
+from accuvqa.data.records import load_split
 from accuvqa.errors import DataError
 
 

@@ -7,14 +7,13 @@ from pathlib import Path
 
 import pytest
 
-import accuvqa.legacy
 from accuvqa.cli import _parser, parse_overrides
-from accuvqa.config import load_config
+from accuvqa.config import PRESETS, load_config
 from accuvqa.errors import ConfigError
 from accuvqa.legacy import translate_argv
 
 ROOT = Path(__file__).resolve().parents[1]
-SMALL, LARGE = str(ROOT / "configs/small.yml"), str(ROOT / "configs/large.yml")
+SMALL, LARGE = str(PRESETS / "small.yml"), str(PRESETS / "large.yml")  # the presets shipped in the package
 
 # run.py's argparse table (mcan-vqa run.py: flag -> dest), written out by hand
 RENAMED = [("SPLIT", "TRAIN_SPLIT", "train+val"), ("EVAL_EE", "EVAL_EVERY_EPOCH", "False"),
@@ -65,7 +64,7 @@ def test_translated_line_loads_the_same_config_as_the_native_one():
 
 @pytest.mark.parametrize("argv,message", [
     (["--RUN=eval"], "--RUN must be train, val or test"),
-    (["--RUN=val", "--MODEL=huge"], "--MODEL must be small or large"),
+    (["--RUN=val", "--MODEL=huge"], "--MODEL huge: no packaged preset 'huge' \\(presets: easyvqa, large, small\\)"),
     (["val", "--RUN=val"], "give either --RUN or a command"),
     (["--RUN=val", "--MODEL=small", "--config", "x.yml"], "give either --MODEL or --config"),
 ])
@@ -74,18 +73,16 @@ def test_contradictory_or_unknown_values_are_config_errors(argv, message):
         translate_argv(argv)
 
 
-def test_missing_configs_folder_names_where_it_looked(tmp_path, monkeypatch):
-    # installed outside a repository (site-packages/accuvqa/legacy.py): no configs/ next to it
-    monkeypatch.setattr(accuvqa.legacy, "__file__", str(tmp_path / "lib" / "site-packages" / "accuvqa" / "legacy.py"))
+def test_model_selects_a_packaged_preset_else_the_current_folders_configs(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
+    assert translate_argv(["--RUN=train", "--MODEL=easyvqa"]) == ["train", "--config", str(PRESETS / "easyvqa.yml")]
     with pytest.raises(ConfigError) as e:
-        translate_argv(["--RUN=train"])
-    assert str(tmp_path / "lib" / "configs") in str(e.value) and str(tmp_path / "configs") in str(e.value)
-    assert "--config FILE.yml" in str(e.value)
-    # ... then the current folder's configs/ is used
+        translate_argv(["--RUN=train", "--MODEL=ban_8"])
+    assert str(tmp_path / "configs" / "ban_8.yml") in str(e.value) and "--config FILE.yml" in str(e.value)
+    # openvqa's way: --MODEL NAME picks configs/NAME.yml of the current folder
     (tmp_path / "configs").mkdir()
-    (tmp_path / "configs/small.yml").write_text("LAYER: 2\n")
-    assert translate_argv(["--RUN=train"]) == ["train", "--config", str(tmp_path / "configs/small.yml")]
+    (tmp_path / "configs/ban_8.yml").write_text("LAYER: 2\n")
+    assert translate_argv(["--RUN=train", "--MODEL=ban_8"]) == ["train", "--config", str(tmp_path / "configs/ban_8.yml")]
 
 
 def test_cli_alias_form_reaches_the_real_command(tmp_path):

@@ -18,7 +18,8 @@ import torch
 from accuvqa.checkpoint import load_checkpoint
 from accuvqa.cli import main
 from accuvqa.config import load_config
-from accuvqa.train import load_trained, train
+from accuvqa.checkpoint import load_trained
+from accuvqa.train import train
 
 ROOT = Path(__file__).resolve().parents[1]
 REFERENCE = torch.load(ROOT / "tests/data/mcan_reference.pt", weights_only=True)

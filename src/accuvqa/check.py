@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import time
 from dataclasses import dataclass
 from typing import Any, Sequence
@@ -10,6 +11,14 @@ import torch
 from torch import nn
 
 from accuvqa.accumulate import Batch, GradientAccumulator, LossFn, batch_size, split_batch
+from accuvqa.config import Config
+from accuvqa.data.loader import epoch_batches, make_dataset
+from accuvqa.data.records import load_records
+from accuvqa.data.vocab import build_vocab
+from accuvqa.errors import ConfigError
+from accuvqa.models import build_model
+from accuvqa.runtime import setup_runtime, to_device
+from accuvqa.train import make_loss_fn
 
 TOLERANCE = 1e-4  # relative difference above which float32 accumulation is called non-equivalent
 
@@ -74,16 +83,44 @@ def check_equivalence(model: nn.Module, batch: Batch, loss_fn: LossFn, counts: S
     return rows
 
 
-def equivalence_risks(model: nn.Module, dropout: float) -> list[str]:
-    """What in this set-up makes micro-batches differ from one large batch."""
+def equivalence_risks(model: nn.Module) -> list[str]:
+    """What in this model makes micro-batches differ from one large batch."""
     risks = []
     batch_norms = [n for n, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     if batch_norms:
         risks.append(f"BatchNorm layers ({', '.join(batch_norms[:3])}): statistics per micro-batch")
-    if dropout > 0:
-        risks.append(f"dropout (DROPOUT_R {dropout}): masks are drawn per micro-batch, so training "
+    rates = sorted({m.p for m in model.modules() if isinstance(m, nn.Dropout) and m.p > 0})
+    if rates:
+        risks.append(f"dropout (p {', '.join(map(str, rates))}): masks are drawn per micro-batch, so training "
                      f"is equivalent in distribution, not bit for bit (this check runs with dropout off)")
     return risks
+
+
+def dropout_off(model: nn.Module) -> nn.Module:
+    """Set every dropout rate of `model` to 0 (the gradients compared must be deterministic)."""
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0
+    return model
+
+
+def run_check(cfg: Config) -> tuple[list[CheckRow], list[str]]:
+    """On the configured model and one real batch, dropout off, compare the gradient of
+    GRAD_ACCU_STEPS, 2, 4 and 8 micro-batches with the one-batch gradient; also say what in the
+    model makes training differ from one large batch."""
+    rt = setup_runtime(cfg)
+    records = load_records(cfg, cfg.TRAIN_SPLIT, need_answers=True)
+    vocab = build_vocab(cfg, records)
+    dataset = make_dataset(cfg, records, vocab)
+    if len(dataset) < cfg.BATCH_SIZE:
+        raise ConfigError(f"BATCH_SIZE {cfg.BATCH_SIZE} is larger than the training set ({len(dataset)} questions)")
+    batch = to_device(dataset[epoch_batches(len(dataset), cfg, 0, rt)[0]], rt.device)
+    torch.manual_seed(cfg.SEED)
+    model = build_model(cfg, len(vocab.token_to_ix), len(vocab.ans_to_ix)).to(rt.device)
+    risks = equivalence_risks(model)
+    counts = [2, 4, 8] + ([cfg.GRAD_ACCU_STEPS] if isinstance(cfg.GRAD_ACCU_STEPS, int) else [])
+    rows = check_equivalence(dropout_off(model), batch, make_loss_fn(cfg), counts, cfg.LOSS_REDUCTION)
+    return rows, risks
 
 
 def format_table(rows: Sequence[CheckRow]) -> str:
@@ -96,3 +133,19 @@ def format_table(rows: Sequence[CheckRow]) -> str:
         lines.append(f"{r.micro_batches:>13}  {r.micro_batch_size:>11}  {r.max_abs_diff:>12.3e}  "
                      f"{r.rel_diff:>9.2e}  {peak}  {r.seconds_per_update:>8.3f}")
     return "\n".join(lines)
+
+
+def main(cfg: Config, args: argparse.Namespace) -> int:
+    """`accuvqa check`: print the table and a verdict; exit 1 when not equivalent."""
+    rows, risks = run_check(cfg)
+    print(f"gradient of one batch of {cfg.BATCH_SIZE} ({cfg.LOSS_REDUCTION} loss, dropout off) "
+          f"vs the same batch in micro-batches, float32:")
+    print(format_table(rows))
+    for risk in risks:
+        print(f"note: {risk}")
+    worst = max(r.rel_diff for r in rows)
+    if worst > TOLERANCE:
+        print(f"verdict: NOT equivalent: relative difference {worst:.2e} > {TOLERANCE:.0e}")
+        return 1
+    print(f"verdict: equivalent: every relative difference <= {worst:.2e} (tolerance {TOLERANCE:.0e})")
+    return 0

@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
+import importlib.resources
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Optional, Union
+from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
 import yaml
 
 from accuvqa.errors import ConfigError
+
+PRESETS = importlib.resources.files("accuvqa") / "configs"  # YAML presets shipped in the package
 
 
 @dataclass(frozen=True)
@@ -44,15 +48,9 @@ class Config:
     IMG_FEAT_PAD_SIZE: int = 100
     IMG_FEAT_SIZE: int = 2048
 
-    # --- model (MCAN small)
-    LAYER: int = 6
-    HIDDEN_SIZE: int = 512
-    MULTI_HEAD: int = 8
-    DROPOUT_R: float = 0.1
-    FLAT_MLP_SIZE: int = 512
-    FLAT_GLIMPSES: int = 1
-    FLAT_OUT_SIZE: int = 1024
-    FF_SIZE: Optional[int] = None  # None: 4 x HIDDEN_SIZE (resolved when the config is built)
+    # --- model: which registered model; its own keys (MCAN: LAYER, HIDDEN_SIZE, ...) live in
+    # the dataclass the model declares, reached as attributes of the config all the same
+    MODEL_USE: str = "mcan"
 
     # --- optimisation
     BATCH_SIZE: int = 64
@@ -64,7 +62,9 @@ class Config:
     LR_DECAY_R: float = 0.2
     LR_DECAY_LIST: list[int] = field(default_factory=lambda: [10, 12])
     GRAD_NORM_CLIP: float = -1.0  # <= 0: off
-    OPT_BETAS: tuple[float, float] = (0.9, 0.98)
+    OPT: str = "Adam"  # any torch.optim class, e.g. Adamax
+    OPT_PARAMS: dict[str, Any] = field(default_factory=dict)  # its keyword arguments, e.g. {weight_decay: 0}
+    OPT_BETAS: tuple[float, float] = (0.9, 0.98)  # betas/eps of optimizers that take them, unless OPT_PARAMS says
     OPT_EPS: float = 1e-9
 
     # --- evaluation and checkpoints
@@ -77,6 +77,20 @@ class Config:
     TOKEN_DICT_PATH: Optional[str] = None  # pin the token dictionary (JSON {token: id})
     ANSWER_DICT_PATH: Optional[str] = None  # pin the answer dictionary (mcan-vqa answer_dict.json)
 
+    # the model's own keys: an instance of the dataclass its registration declares
+    model_keys: Any = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.model_keys is None:
+            object.__setattr__(self, "model_keys", _model_keys_class(self.MODEL_USE)())
+
+    def __getattr__(self, name: str) -> Any:
+        # reached only when `name` is not a common key: look among the model's own keys
+        keys = self.__dict__.get("model_keys")
+        if name.isupper() and keys is not None and hasattr(keys, name):
+            return getattr(keys, name)
+        raise AttributeError(f"config has no key {name!r} (MODEL_USE {self.__dict__.get('MODEL_USE')!r})")
+
     # --- derived values (never set, always computed)
     @property
     def run_version(self) -> str:
@@ -84,21 +98,44 @@ class Config:
         return self.VERSION if self.VERSION is not None else str(self.SEED)
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain-Python dict of every key (for checkpoints and logs)."""
-        out = dataclasses.asdict(self)
+        """Plain-Python dict of every key, the model's included (for checkpoints and logs)."""
+        out = {key: copy.deepcopy(getattr(self, key)) for key in KEYS}
         out["OPT_BETAS"] = list(self.OPT_BETAS)
+        out.update(dataclasses.asdict(self.model_keys))
         return out
 
     def replace(self, **changes: Any) -> "Config":
         """A validated copy with some keys changed."""
         values = {**self.to_dict(), **changes}
-        if "HIDDEN_SIZE" in changes and "FF_SIZE" not in changes:
-            values["FF_SIZE"] = None  # derived again from the new HIDDEN_SIZE
+        if "MODEL_USE" in changes:  # another model: its own keys start from its defaults
+            for key in model_key_types(self.MODEL_USE):
+                if key not in changes:
+                    values.pop(key, None)
+        for key, source in getattr(self.model_keys, "DERIVED", {}).items():
+            if source in changes and key not in changes:
+                values[key] = None  # derived again from the new value
         return _build(values, {k: "replace()" for k in changes})
 
 
-KEYS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(Config))
-_TYPES: dict[str, Any] = typing.get_type_hints(Config)
+KEYS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(Config) if f.name != "model_keys")
+_TYPES: dict[str, Any] = {k: v for k, v in typing.get_type_hints(Config).items() if k in KEYS}
+
+
+def _model_keys_class(model: str) -> type:
+    from accuvqa.models import model_spec  # the registry fills when the models are imported
+
+    return model_spec(model).keys
+
+
+def model_key_types(model: str) -> dict[str, Any]:
+    """The config keys a registered model declares, with their types."""
+    keys = _model_keys_class(model)
+    hints = typing.get_type_hints(keys)
+    return {f.name: hints[f.name] for f in dataclasses.fields(keys)}
+
+
+def _key_types(model: str) -> dict[str, Any]:
+    return {**_TYPES, **model_key_types(model)}
 
 
 def _type_name(tp: Any) -> str:
@@ -108,14 +145,16 @@ def _type_name(tp: Any) -> str:
         return " or ".join(names + (["null"] if type(None) in typing.get_args(tp) else []))
     if origin is list:
         return f"list of {_type_name(typing.get_args(tp)[0])}"
+    if origin is dict:
+        return "mapping"
     if origin is tuple:
         return "pair of " + _type_name(typing.get_args(tp)[0])
     return tp.__name__
 
 
-def _coerce(key: str, value: Any, source: str) -> Any:
+def _coerce(key: str, value: Any, source: str, types: Mapping[str, Any]) -> Any:
     """Convert `value` to the declared type of `key`, or raise a ConfigError saying why."""
-    tp = _TYPES[key]
+    tp = types[key]
     try:
         return _coerce_to(tp, value)
     except (TypeError, ValueError):
@@ -125,7 +164,14 @@ def _coerce(key: str, value: Any, source: str) -> Any:
 
 
 def _coerce_to(tp: Any, value: Any) -> Any:
+    if tp is Any:
+        return value
     origin = typing.get_origin(tp)
+    if origin is dict:
+        if not isinstance(value, Mapping) or not all(isinstance(k, str) for k in value):
+            raise TypeError
+        _, inner = typing.get_args(tp)
+        return {k: _coerce_to(inner, v) for k, v in value.items()}
     if origin is Union:
         if value is None and type(None) in typing.get_args(tp):
             return None
@@ -168,31 +214,37 @@ def _coerce_to(tp: Any, value: Any) -> Any:
     raise TypeError
 
 
-def _check_key(key: str, source: str) -> None:
-    if key not in _TYPES:
-        close = difflib.get_close_matches(key.upper(), KEYS, n=1, cutoff=0.5)
-        hint = f"; did you mean {close[0]}?" if close else ""
-        raise ConfigError(f"unknown config key {key!r} in {source}{hint}")
+def _check_key(key: str, source: str, model: str) -> None:
+    types = _key_types(model)
+    if key in types:
+        return
+    from accuvqa.models import list_models
+
+    owners = [name for name in list_models() if key in model_key_types(name)]
+    if owners:
+        raise ConfigError(f"{key} (in {source}) is a key of model {', '.join(owners)}, not of "
+                          f"MODEL_USE {model}; set MODEL_USE or remove the key")
+    close = difflib.get_close_matches(key.upper(), list(types), n=1, cutoff=0.5)
+    hint = f"; did you mean {close[0]}?" if close else ""
+    raise ConfigError(f"unknown config key {key!r} in {source}{hint}")
+
+
+def require_positive(obj: Any, keys: Sequence[str], where: Callable[[str], str]) -> None:
+    """ConfigError naming the first of `keys` whose value on `obj` is not positive."""
+    for key in keys:
+        if getattr(obj, key) <= 0:
+            raise ConfigError(f"{key} must be a positive integer, got {getattr(obj, key)}{where(key)}")
 
 
 def _validate(cfg: Config, sources: Mapping[str, str]) -> None:
     def where(key: str) -> str:
         return f" (from {sources[key]})" if key in sources else ""
 
-    positive = ["BATCH_SIZE", "MAX_EPOCH", "LAYER", "HIDDEN_SIZE", "MULTI_HEAD", "FLAT_MLP_SIZE",
-                "FLAT_GLIMPSES", "FLAT_OUT_SIZE", "WORD_EMBED_SIZE", "MAX_TOKEN",
-                "IMG_FEAT_PAD_SIZE", "IMG_FEAT_SIZE"]
-    for key in positive + (["FF_SIZE"] if cfg.FF_SIZE is not None else []):
-        if getattr(cfg, key) <= 0:
-            raise ConfigError(f"{key} must be a positive integer, got {getattr(cfg, key)}{where(key)}")
+    require_positive(cfg, ["BATCH_SIZE", "MAX_EPOCH", "WORD_EMBED_SIZE", "MAX_TOKEN", "IMG_FEAT_PAD_SIZE",
+                           "IMG_FEAT_SIZE"], where)
     if cfg.LR_BASE <= 0:
         raise ConfigError(f"LR_BASE must be positive, got {cfg.LR_BASE}{where('LR_BASE')}")
-    if cfg.HIDDEN_SIZE % cfg.MULTI_HEAD:
-        raise ConfigError(
-            f"HIDDEN_SIZE ({cfg.HIDDEN_SIZE}) must be divisible by MULTI_HEAD ({cfg.MULTI_HEAD})"
-            f"{where('HIDDEN_SIZE') or where('MULTI_HEAD')}; e.g. HIDDEN_SIZE "
-            f"{cfg.HIDDEN_SIZE // cfg.MULTI_HEAD * cfg.MULTI_HEAD or cfg.MULTI_HEAD}"
-        )
+    cfg.model_keys.validate(where)
     if isinstance(cfg.GRAD_ACCU_STEPS, str):
         if cfg.GRAD_ACCU_STEPS != "auto":
             raise ConfigError(f"GRAD_ACCU_STEPS must be a positive integer or 'auto', got "
@@ -202,8 +254,7 @@ def _validate(cfg: Config, sources: Mapping[str, str]) -> None:
             f"GRAD_ACCU_STEPS must be at least 1, got {cfg.GRAD_ACCU_STEPS}{where('GRAD_ACCU_STEPS')}"
         )
     check_batch_split(cfg, world_size=1)
-    if not 0.0 <= cfg.DROPOUT_R < 1.0:
-        raise ConfigError(f"DROPOUT_R must be in [0, 1), got {cfg.DROPOUT_R}{where('DROPOUT_R')}")
+    _validate_optimizer(cfg, where)
     if cfg.LOSS_REDUCTION not in ("sum", "mean"):
         raise ConfigError(f"LOSS_REDUCTION must be 'sum' or 'mean', got {cfg.LOSS_REDUCTION!r}")
     if cfg.AMP not in ("off", "bf16", "fp16"):
@@ -214,6 +265,23 @@ def _validate(cfg: Config, sources: Mapping[str, str]) -> None:
         raise ConfigError(f"VAL_FRACTION must be in (0, 1), got {cfg.VAL_FRACTION}")
     if cfg.NUM_WORKERS < 0:
         raise ConfigError(f"NUM_WORKERS must be >= 0, got {cfg.NUM_WORKERS}")
+
+
+def _validate_optimizer(cfg: Config, where: Callable[[str], str]) -> None:
+    import inspect
+
+    import torch.optim
+
+    opt = getattr(torch.optim, cfg.OPT, None)
+    if not (isinstance(opt, type) and issubclass(opt, torch.optim.Optimizer)) or cfg.OPT == "Optimizer":
+        names = sorted(n for n, o in vars(torch.optim).items()
+                       if isinstance(o, type) and issubclass(o, torch.optim.Optimizer) and n != "Optimizer")
+        raise ConfigError(f"OPT {cfg.OPT!r}{where('OPT')} is not a torch.optim optimizer; one of {', '.join(names)}")
+    accepted = [p for p in inspect.signature(opt).parameters if p not in ("self", "params")]
+    unknown = [k for k in cfg.OPT_PARAMS if k not in accepted]
+    if unknown:
+        raise ConfigError(f"OPT_PARAMS{where('OPT_PARAMS')}: {cfg.OPT} takes no {', '.join(unknown)}; "
+                          f"it takes {', '.join(accepted)}")
 
 
 def check_batch_split(cfg: Config, world_size: int) -> None:
@@ -232,11 +300,24 @@ def check_batch_split(cfg: Config, world_size: int) -> None:
         )
 
 
+def _model_of(values: Mapping[str, Any], sources: Mapping[str, str]) -> str:
+    """MODEL_USE of these values, checked to name a registered model."""
+    model = _coerce("MODEL_USE", values.get("MODEL_USE", Config.MODEL_USE), sources.get("MODEL_USE", "defaults"),
+                    _TYPES)
+    _model_keys_class(model)  # ConfigError listing the registered models
+    return model
+
+
 def _build(values: Mapping[str, Any], sources: Mapping[str, str]) -> Config:
-    converted = {k: _coerce(k, v, sources.get(k, "defaults")) for k, v in values.items()}
-    if converted.get("FF_SIZE") is None:
-        converted["FF_SIZE"] = 4 * converted.get("HIDDEN_SIZE", Config.HIDDEN_SIZE)
-    cfg = Config(**converted)
+    model = _model_of(values, sources)
+    for key in values:
+        source = sources.get(key, "defaults")
+        _check_key(key, "command-line overrides" if source.startswith("--") else source, model)
+    types = _key_types(model)
+    converted = {k: _coerce(k, v, sources.get(k, "defaults"), types) for k, v in values.items()}
+    own = model_key_types(model)
+    model_keys = _model_keys_class(model)(**{k: v for k, v in converted.items() if k in own})
+    cfg = Config(**{k: v for k, v in converted.items() if k not in own}, model_keys=model_keys)
     _validate(cfg, sources)
     return cfg
 
@@ -271,12 +352,11 @@ def load_config(path: str | Path | None = None, overrides: Mapping[str, Any] | N
     values: dict[str, Any] = {}
     sources: dict[str, str] = {}
     if path is not None:
+        path = resolve_config_file(path)
         for key, value in read_yaml(path).items():
-            _check_key(str(key), str(path))
-            values[key] = value
-            sources[key] = str(path)
+            values[str(key)] = value
+            sources[str(key)] = str(path)
     for key, value in (overrides or {}).items():
-        _check_key(key, "command-line overrides")
         if isinstance(value, str):
             try:
                 value = yaml.safe_load(value) if value.strip() else value
@@ -285,3 +365,28 @@ def load_config(path: str | Path | None = None, overrides: Mapping[str, Any] | N
         values[key] = value
         sources[key] = f"--{key}"
     return _build(values, sources)
+
+
+def list_presets() -> list[str]:
+    """Names of the config presets shipped inside the package (`--config NAME`, `--MODEL NAME`)."""
+    return sorted(p.name[:-len(".yml")] for p in PRESETS.iterdir() if p.name.endswith(".yml"))
+
+
+def preset_file(name: str) -> Path | None:
+    """The packaged preset `name` (no .yml), else `configs/<name>.yml` in the current folder, else None."""
+    for candidate in (PRESETS / f"{name}.yml", Path.cwd() / "configs" / f"{name}.yml"):
+        if candidate.is_file():
+            return Path(str(candidate))
+    return None
+
+
+def resolve_config_file(name_or_path: str | Path) -> Path:
+    """A path that exists is itself; a bare name (no .yml) is a preset; anything else a ConfigError."""
+    path = Path(name_or_path)
+    if path.is_file() or path.suffix in (".yml", ".yaml") or len(path.parts) > 1:
+        return path  # read_yaml names it when it cannot be read
+    found = preset_file(str(name_or_path))
+    if found is None:
+        raise ConfigError(f"no config preset {str(name_or_path)!r}: a file path or one of "
+                          f"{', '.join(list_presets())}")
+    return found

@@ -1,7 +1,7 @@
 """mcan-vqa's `run.py` flags, translated to accuvqa's command line.
 
 `python3 run.py --RUN='val' --MODEL='large' --CKPT_V=large --CKPT_E=13` becomes
-`accuvqa val --config configs/large.yml --CKPT_VERSION large --CKPT_EPOCH 13`. Flags may be
+`accuvqa val --config <the packaged large.yml> --CKPT_VERSION large --CKPT_EPOCH 13`. Flags may be
 written `--FLAG=value` or `--FLAG value`, as argparse accepts them in run.py. Flags whose names
 are already config keys (MAX_EPOCH, PRELOAD, GPU, SEED, VERSION, RESUME, CKPT_PATH) pass as they are.
 """
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from accuvqa.config import list_presets, preset_file
 from accuvqa.errors import ConfigError
 
 # run.py flag -> config key, where the names differ
@@ -28,21 +29,16 @@ FLAG_TO_KEY = {
     "FEAT_PATH": "FEATURE_PATH",
 }
 RUN_MODES = ("train", "val", "test")
-MODELS = ("small", "large")
 _NO_VALUE = ("-h", "--help")
 
 
 def model_config(model: str) -> Path:
-    """configs/<model>.yml of this installation (repository root), else of the current folder."""
-    if model not in MODELS:
-        raise ConfigError(f"--MODEL must be small or large (as in mcan-vqa), got {model!r}")
-    places = [Path(__file__).resolve().parents[2] / "configs", Path.cwd() / "configs"]
-    for folder in places:
-        if (folder / f"{model}.yml").is_file():
-            return folder / f"{model}.yml"
-    raise ConfigError(
-        f"--MODEL {model}: no {model}.yml in {places[0]} (next to the installed accuvqa) nor in {places[1]}; "
-        f"install accuvqa from its repository (pip install -e .) or give --config FILE.yml instead")
+    """The preset `model` shipped in the package (small, large, ...), else ./configs/<model>.yml."""
+    found = preset_file(model)
+    if found is None:
+        raise ConfigError(f"--MODEL {model}: no packaged preset {model!r} (presets: {', '.join(list_presets())}) "
+                          f"and no {Path.cwd() / 'configs' / (model + '.yml')}; or give --config FILE.yml")
+    return found
 
 
 def translate_argv(argv: list[str]) -> list[str]:

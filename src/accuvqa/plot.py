@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import argparse
 import json
-import os
 from collections import defaultdict
 from pathlib import Path
 
+from accuvqa.config import Config
 from accuvqa.errors import DataError
+from accuvqa.files import atomic_write
 
 
 def read_metrics(path: str | Path) -> list[dict]:
@@ -61,9 +63,14 @@ def plot_metrics(metrics_path: str | Path, out_path: str | Path) -> Path:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()
-    out_path = Path(out_path)
-    tmp = out_path.with_name(f".{out_path.name}.tmp.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    os.replace(tmp, out_path)
-    return out_path
+    try:
+        return atomic_write(out_path, lambda f: fig.savefig(f, dpi=100, format="png"))
+    finally:
+        plt.close(fig)
+
+
+def main(cfg: Config, args: argparse.Namespace) -> int:
+    """`accuvqa plot`: <RESULT_PATH>/<VERSION>/metrics.png from the run's metrics.jsonl."""
+    run_dir = Path(cfg.RESULT_PATH) / cfg.run_version
+    print(f"wrote {plot_metrics(run_dir / 'metrics.jsonl', run_dir / 'metrics.png')}")
+    return 0

@@ -15,10 +15,11 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from accuvqa.checkpoint import write_json_atomic
 from accuvqa.config import Config
-from accuvqa.data.vqa import FOLDERS, annotation_file, feature_file, question_file
+from accuvqa.data.features import feature_file
+from accuvqa.data.records import FOLDERS, annotation_file, question_file
 from accuvqa.errors import DataError
+from accuvqa.files import write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +84,24 @@ def image_features(rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return rows.T.copy(), boxes
 
 
+def read_rgb(path: str | Path) -> np.ndarray:
+    """An image file as an (H, W, 3) uint8 array; DataError when it is missing or not an image."""
+    from PIL import Image, UnidentifiedImageError
+
+    if not Path(path).is_file():
+        raise DataError(f"image {path} does not exist")
+    try:
+        with Image.open(path) as image:
+            return np.asarray(image.convert("RGB"))
+    except (UnidentifiedImageError, OSError) as e:
+        raise DataError(f"cannot read image {path}: {e}") from e
+
+
+def image_file_features(path: str | Path) -> np.ndarray:
+    """Region features (N_REGIONS, FEAT_SIZE) of one image file, as `prepare` stores them (transposed)."""
+    return image_features(read_rgb(path))[0].T
+
+
 def _load_easy_vqa():
     try:
         import easy_vqa
@@ -115,8 +134,6 @@ def prepare_easyvqa(cfg: Config, progress: Callable[[Sequence, str], Sequence] =
 
     `max_images` keeps only the first images of each easy-VQA split (a small slice for tests).
     """
-    from PIL import Image
-
     easy_vqa = _load_easy_vqa()
     rng = np.random.default_rng(cfg.SEED)
     train_q, train_a, train_img = easy_vqa.get_train_questions()
@@ -154,7 +171,7 @@ def prepare_easyvqa(cfg: Config, progress: Callable[[Sequence, str], Sequence] =
         out_dir.mkdir(parents=True, exist_ok=True)
         images = sorted(set(int(i) for i in image_ids))
         for image_id in progress(images, f"features {folder}"):
-            rgb = np.asarray(Image.open(paths[image_id]).convert("RGB"))
+            rgb = read_rgb(paths[image_id])
             x, boxes = image_features(rgb)
             target = feature_file(cfg.FEATURE_PATH, folder, image_id)
             tmp = target.with_suffix(".tmp.npz")

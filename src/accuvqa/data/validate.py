@@ -12,12 +12,11 @@ from pathlib import Path
 from typing import Any
 
 from accuvqa.config import Config
-from accuvqa.data.vqa import (FOLDERS, LAYOUT_HINT, feature_file, index_features, load_split,
-                              parse_splits, question_file, read_features)
+from accuvqa.data.features import feature_file, index_features, read_features
+from accuvqa.data.records import FOLDERS, LAYOUT_HINT, VG_FOLDERS, load_split, parse_splits, question_file
 from accuvqa.errors import DataError
 
 SAMPLE_FILES = 3  # feature files opened per split to check their shape
-_VG_FOLDERS = ("train2014", "val2014")  # Visual Genome questions sit on COCO train/val images
 
 
 def splits_to_check(cfg: Config) -> list[str]:
@@ -41,7 +40,7 @@ def validate_vqa_tree(cfg: Config) -> dict[str, Any]:
         need_answers = split != "test"
         # load_split names a missing question or annotation file, with the expected layout
         records = load_split(cfg.DATASET_PATH, split, need_answers=need_answers)
-        folders = (FOLDERS[split],) if split in FOLDERS else _VG_FOLDERS
+        folders = (FOLDERS[split],) if split in FOLDERS else VG_FOLDERS
         index: dict[int, Path] = {}
         for folder in folders:
             if folder not in indexes:

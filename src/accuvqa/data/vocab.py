@@ -1,15 +1,19 @@
-"""Question tokens and answers, processed exactly as mcan-vqa does."""
+"""Question tokens and answers, processed exactly as mcan-vqa does, and a run's two dictionaries."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
 
 import numpy as np
 
+from accuvqa.config import Config
+from accuvqa.data.records import QuestionRecord, load_split, question_file
 from accuvqa.errors import DataError
 from accuvqa.metrics import normalize_answer
 
@@ -87,3 +91,51 @@ def answer_targets(gt_answers: Sequence[str], ans_to_ix: dict[str, int]) -> list
     """(answer index, soft score) for each in-dictionary answer among the annotators' answers."""
     counts = Counter(prep_answer(a) for a in gt_answers)
     return [(ans_to_ix[a], soft_score(c)) for a, c in counts.items() if a in ans_to_ix]
+
+
+@dataclass
+class Vocab:
+    """Token and answer dictionaries of a run."""
+
+    token_to_ix: dict[str, int]
+    ans_to_ix: dict[str, int]
+
+    @property
+    def ix_to_ans(self) -> list[str]:
+        """Answer string of each class index."""
+        out = [""] * len(self.ans_to_ix)
+        for a, i in self.ans_to_ix.items():
+            out[i] = a
+        return out
+
+    def fingerprint(self) -> str:
+        """Short hash of both dictionaries: checkpoints and data must agree on it."""
+        blob = json.dumps([self.token_to_ix, self.ans_to_ix], sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def build_vocab(cfg: Config, train_records: Sequence[QuestionRecord]) -> Vocab:
+    """Token dictionary over every question file present (mcan-vqa's rule), answers from training.
+
+    TOKEN_DICT_PATH / ANSWER_DICT_PATH pin either dictionary to a file instead.
+    """
+    if cfg.TOKEN_DICT_PATH:
+        try:
+            token_to_ix = json.loads(Path(cfg.TOKEN_DICT_PATH).read_text())
+        except (OSError, ValueError) as e:
+            raise DataError(f"cannot read TOKEN_DICT_PATH {cfg.TOKEN_DICT_PATH}: {e}") from e
+    else:
+        questions: list[str] = []
+        # mcan-vqa reads all four question files whatever TRAIN_SPLIT is, so an original checkpoint
+        # trained on train+val+vg fits a val/test run configured with TRAIN_SPLIT train.
+        for split in ("train", "val", "test", "vg"):
+            if question_file(cfg.DATASET_PATH, split).is_file():
+                questions += [r.question for r in load_split(cfg.DATASET_PATH, split, need_answers=False)]
+        token_to_ix = build_token_dict(questions)
+    if cfg.ANSWER_DICT_PATH:
+        ans_to_ix, _ = load_answer_dict(cfg.ANSWER_DICT_PATH)
+    else:
+        ans_to_ix, _ = build_answer_dict(r.multiple_choice_answer for r in train_records)
+    if not ans_to_ix:
+        raise DataError("the answer dictionary is empty: no training answer is seen more than 8 times")
+    return Vocab(token_to_ix, ans_to_ix)

@@ -1,5 +1,7 @@
-"""VQA models."""
+"""VQA models: a registry (`MODEL_USE` -> builder) and the registered models."""
 
-from accuvqa.models.mcan import MCAN, build_model, make_mask
+from accuvqa.models import mcan as _mcan  # noqa: F401  (registers "mcan")
+from accuvqa.models.mcan import MCAN, make_mask
+from accuvqa.models.registry import build_model, list_models, model_inputs, model_spec, register_model
 
-__all__ = ["MCAN", "build_model", "make_mask"]
+__all__ = ["MCAN", "build_model", "list_models", "make_mask", "model_inputs", "model_spec", "register_model"]

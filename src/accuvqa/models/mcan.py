@@ -2,13 +2,50 @@
 
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Callable, ClassVar, Optional
 
 import numpy as np
 import torch
 from torch import nn
 
+from accuvqa.config import require_positive
+from accuvqa.errors import ConfigError
 from accuvqa.models.layers import SA, SGA, AttFlat, LayerNorm
+from accuvqa.models.registry import register_model
+
+
+@dataclass(frozen=True)
+class MCANKeys:
+    """MCAN's own config keys; names and defaults are mcan-vqa's (MCAN-small)."""
+
+    LAYER: int = 6
+    HIDDEN_SIZE: int = 512
+    MULTI_HEAD: int = 8
+    DROPOUT_R: float = 0.1
+    FLAT_MLP_SIZE: int = 512
+    FLAT_GLIMPSES: int = 1
+    FLAT_OUT_SIZE: int = 1024
+    FF_SIZE: Optional[int] = None  # None: 4 x HIDDEN_SIZE
+
+    # key -> the key it is derived from when left unset (re-derived when that key is replaced)
+    DERIVED: ClassVar[dict[str, str]] = {"FF_SIZE": "HIDDEN_SIZE"}
+
+    def __post_init__(self) -> None:
+        if self.FF_SIZE is None:
+            object.__setattr__(self, "FF_SIZE", 4 * self.HIDDEN_SIZE)
+
+    def validate(self, where: Callable[[str], str]) -> None:
+        """Raise ConfigError for sizes that cannot build an MCAN."""
+        require_positive(self, ["LAYER", "HIDDEN_SIZE", "MULTI_HEAD", "FLAT_MLP_SIZE", "FLAT_GLIMPSES",
+                                "FLAT_OUT_SIZE", "FF_SIZE"], where)
+        if self.HIDDEN_SIZE % self.MULTI_HEAD:
+            raise ConfigError(
+                f"HIDDEN_SIZE ({self.HIDDEN_SIZE}) must be divisible by MULTI_HEAD ({self.MULTI_HEAD})"
+                f"{where('HIDDEN_SIZE') or where('MULTI_HEAD')}; e.g. HIDDEN_SIZE "
+                f"{self.HIDDEN_SIZE // self.MULTI_HEAD * self.MULTI_HEAD or self.MULTI_HEAD}")
+        if not 0.0 <= self.DROPOUT_R < 1.0:
+            raise ConfigError(f"DROPOUT_R must be in [0, 1), got {self.DROPOUT_R}{where('DROPOUT_R')}")
 
 
 def make_mask(feature: torch.Tensor) -> torch.Tensor:
@@ -76,8 +113,8 @@ class MCAN(nn.Module):
         return self.proj(self.proj_norm(proj_feat))
 
 
-def build_model(
-    cfg: Any, token_size: int, answer_size: int, pretrained_emb: np.ndarray | None = None
-) -> MCAN:
+@register_model("mcan", keys=MCANKeys, inputs=("img_feat", "ques_ix"),
+                token_param="embedding.weight", answer_param="proj.weight")
+def mcan(cfg: Any, token_size: int, answer_size: int, pretrained_emb: np.ndarray | None = None) -> MCAN:
     """Build an MCAN from a config with mcan-vqa's upper-case attribute names."""
     return MCAN(cfg, token_size, answer_size, pretrained_emb)

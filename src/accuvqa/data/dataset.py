@@ -1,0 +1,87 @@
+"""Batches of (region features, question tokens, soft answer scores) over question records."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from accuvqa.config import Config
+from accuvqa.data.features import feature_file, read_features
+from accuvqa.data.records import QuestionRecord
+from accuvqa.data.vocab import answer_targets, encode_question
+from accuvqa.errors import DataError
+
+
+class VQADataset(torch.utils.data.Dataset):
+    """Questions with encoded tokens and answer targets; item i of the loader is a whole batch.
+
+    `__getitem__` takes a list of question indices and returns a dict with `img_feat`
+    (B, N, D) zero-padded to the batch's longest image (at most IMG_FEAT_PAD_SIZE), `ques_ix`
+    (B, T) cut to the batch's longest question, `answer_scores` (B, A) soft scores, and `index`.
+    """
+
+    def __init__(self, cfg: Config, records: Sequence[QuestionRecord], token_to_ix: dict[str, int],
+                 ans_to_ix: dict[str, int], features: dict[int, Path]) -> None:
+        self.records = list(records)
+        self.n_answers = len(ans_to_ix)
+        self.feat_size = cfg.IMG_FEAT_SIZE
+        self.pad_size = cfg.IMG_FEAT_PAD_SIZE
+        self.ques_ix = np.stack([encode_question(r.question, token_to_ix, cfg.MAX_TOKEN)
+                                 for r in self.records]) if self.records else np.zeros((0, cfg.MAX_TOKEN), np.int64)
+        self.targets = [answer_targets(r.answers, ans_to_ix) if r.answers else [] for r in self.records]
+        missing = next((r for r in self.records if r.image_id not in features), None)
+        if missing is not None:
+            raise DataError(
+                f"no feature file for image {missing.image_id} (question {missing.question_id}); "
+                f"expected {feature_file('FEATURE_PATH', missing.folder or 'train2014', missing.image_id)}"
+            )
+        self.image_ids = sorted({r.image_id for r in self.records})
+        self.image_row = {iid: i for i, iid in enumerate(self.image_ids)}
+        self.paths = [features[iid] for iid in self.image_ids]
+        self.packed: np.ndarray | None = None
+        self.counts: np.ndarray | None = None
+        if cfg.PRELOAD:
+            self.preload()
+
+    def preload(self) -> None:
+        """Read every image's features once into one packed array (N_images, max N, D)."""
+        feats = [read_features(p, self.feat_size, self.pad_size) for p in self.paths]
+        n_max = max((f.shape[0] for f in feats), default=0)
+        self.packed = np.zeros((len(feats), n_max, self.feat_size), dtype=np.float32)
+        self.counts = np.array([f.shape[0] for f in feats], dtype=np.int64)
+        for i, f in enumerate(feats):
+            self.packed[i, : f.shape[0]] = f
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def image_features(self, rows: Sequence[int]) -> np.ndarray:
+        """(B, N, D) features of the given image rows, zero-padded to the longest."""
+        if self.packed is not None:
+            n = int(self.counts[rows].max()) if len(rows) else 0
+            return self.packed[rows, :n]
+        feats = [read_features(self.paths[r], self.feat_size, self.pad_size) for r in rows]
+        n = max(f.shape[0] for f in feats)
+        out = np.zeros((len(feats), n, self.feat_size), dtype=np.float32)
+        for i, f in enumerate(feats):
+            out[i, : f.shape[0]] = f
+        return out
+
+    def __getitem__(self, indices: Sequence[int]) -> dict[str, torch.Tensor]:
+        indices = np.asarray(indices, dtype=np.int64)
+        rows = np.array([self.image_row[self.records[i].image_id] for i in indices], dtype=np.int64)
+        ques_ix = self.ques_ix[indices]
+        t_max = max(int((ques_ix != 0).sum(1).max()), 1) if len(indices) else 1
+        scores = np.zeros((len(indices), self.n_answers), dtype=np.float32)
+        for b, i in enumerate(indices):
+            for a, s in self.targets[i]:
+                scores[b, a] = s
+        return {
+            "img_feat": torch.from_numpy(np.ascontiguousarray(self.image_features(rows))),
+            "ques_ix": torch.from_numpy(np.ascontiguousarray(ques_ix[:, :t_max])),
+            "answer_scores": torch.from_numpy(scores),
+            "index": torch.from_numpy(indices),
+        }

@@ -1,0 +1,118 @@
+"""Evaluation: predict a split, score it with the official VQA accuracy, log metrics; `val` and `test`."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from accuvqa.checkpoint import load_trained
+from accuvqa.config import Config
+from accuvqa.data.dataset import VQADataset
+from accuvqa.data.loader import batch_loader, eval_batches, make_dataset
+from accuvqa.data.records import QuestionRecord, annotation_file, load_split
+from accuvqa.data.vocab import Vocab
+from accuvqa.files import append_jsonl, write_json_atomic
+from accuvqa.metrics import evaluate as vqa_evaluate
+from accuvqa.models import model_inputs
+from accuvqa.runtime import setup_runtime, to_device
+
+
+@torch.no_grad()
+def predict_dataset(model: torch.nn.Module, dataset: VQADataset, cfg: Config, device: torch.device,
+                    desc: str = "eval") -> tuple[np.ndarray, np.ndarray, float]:
+    """Top answer index and its score for every question, and the mean summed-BCE loss per sample."""
+    model.eval()
+    batches = eval_batches(len(dataset), cfg.BATCH_SIZE)
+    top_ix = np.zeros(len(dataset), dtype=np.int64)
+    top_score = np.zeros(len(dataset), dtype=np.float32)
+    loss_total = torch.zeros((), dtype=torch.float64)
+    for batch in tqdm(batch_loader(dataset, batches, cfg), total=len(batches), desc=desc, leave=False,
+                      disable=not cfg.VERBOSE, file=sys.stderr):
+        index = batch["index"].numpy()
+        inputs = to_device(batch, device)
+        logits = model(*model_inputs(cfg, inputs)).float()
+        loss_total += F.binary_cross_entropy_with_logits(
+            logits, inputs["answer_scores"], reduction="sum").double().cpu()
+        score, ix = torch.sigmoid(logits).max(dim=1)
+        top_ix[index] = ix.cpu().numpy()
+        top_score[index] = score.cpu().numpy()
+    model.train()
+    return top_ix, top_score, float(loss_total) / max(len(dataset), 1)
+
+
+def score_predictions(records: Sequence[QuestionRecord], answers: Sequence[str]) -> dict[str, Any]:
+    """Official VQA accuracy (percent) overall, per answer type and per question type."""
+    predictions = {r.question_id: a for r, a in zip(records, answers)}
+    questions = {r.question_id: {"answers": list(r.answers), "answer_type": r.answer_type,
+                                 "question_type": r.question_type} for r in records}
+    return vqa_evaluate(predictions, questions)
+
+
+def record_metrics(cfg: Config, split: str, epoch: int, step: int | None, result: dict[str, Any],
+                   loss: float) -> dict[str, Any]:
+    """Build the metrics line of one evaluation and append it to <RESULT_PATH>/<VERSION>/metrics.jsonl."""
+    line = {"epoch": epoch, "step": step, "split": split, "accuracy": result["accuracy"],
+            "per_answer_type": result["per_answer_type"], "loss": loss,
+            "per_question_type": result["per_question_type"]}
+    append_jsonl(Path(cfg.RESULT_PATH) / cfg.run_version / "metrics.jsonl", line)
+    return line
+
+
+def evaluate_split(cfg: Config, model: torch.nn.Module, dataset: VQADataset, vocab: Vocab,
+                   device: torch.device, split: str, epoch: int, step: int) -> dict[str, Any] | None:
+    """Evaluate on a split with annotations, log a metrics line; None when it has no answers."""
+    top_ix, _, loss = predict_dataset(model, dataset, cfg, device, desc=f"eval {split}")
+    if any(r.answers is None for r in dataset.records):
+        return None
+    ix_to_ans = vocab.ix_to_ans
+    result = score_predictions(dataset.records, [ix_to_ans[i] for i in top_ix])
+    return record_metrics(cfg, split, epoch, step, result, loss)
+
+
+def run_eval(cfg: Config, split: str) -> dict[str, Any]:
+    """`val` or `test`: evaluate a checkpoint; write predictions; return accuracy when answers exist."""
+    rt = setup_runtime(cfg)
+    model, vocab, path, epoch = load_trained(cfg, rt.device)
+    has_answers = annotation_file(cfg.DATASET_PATH, split).is_file()
+    records = load_split(cfg.DATASET_PATH, split, need_answers=split == "val")
+    dataset = make_dataset(cfg, records, vocab)
+    top_ix, top_score, loss = predict_dataset(model, dataset, cfg, rt.device, desc=f"eval {split}")
+    ix_to_ans = vocab.ix_to_ans
+    answers = [ix_to_ans[i] for i in top_ix]
+    out_dir = Path(cfg.RESULT_PATH) / cfg.run_version
+    summary: dict[str, Any] = {"checkpoint": str(path), "split": split, "questions": len(records)}
+    if split == "test":
+        submission = [{"question_id": r.question_id, "answer": a} for r, a in zip(records, answers)]
+        summary["submission"] = str(write_json_atomic(out_dir / "result_test.json", submission))
+    if split == "val" and cfg.TEST_SAVE_PRED:
+        preds = [{"question_id": r.question_id, "answer": a, "score": float(s)}
+                 for r, a, s in zip(records, answers, top_score)]
+        summary["predictions"] = str(write_json_atomic(out_dir / "result_val_pred.json", preds))
+    if has_answers and all(r.answers is not None for r in records):
+        result = score_predictions(records, answers)
+        record_metrics(cfg, split, epoch, None, result, loss)
+        summary.update(accuracy=result["accuracy"], per_answer_type=result["per_answer_type"])
+    return summary
+
+
+def main(cfg: Config, args: argparse.Namespace) -> int:
+    """`accuvqa val` / `accuvqa test`: print the evaluation's table."""
+    from accuvqa.cli import print_table
+
+    s = run_eval(cfg, args.command)
+    rows: dict[str, Any] = {"checkpoint": s["checkpoint"], "questions": s["questions"]}
+    if "accuracy" in s:
+        rows["accuracy"] = f"{s['accuracy']:.2f}%"
+        rows.update({f"  {k}": f"{v:.2f}%" for k, v in sorted(s["per_answer_type"].items())})
+    for key in ("submission", "predictions"):
+        if key in s:
+            rows[key] = s[key]
+    print_table(f"{args.command} ({cfg.DATASET}, split {args.command})", rows)
+    return 0

@@ -1,0 +1,36 @@
+"""`accuvqa prepare`: write the bundled easy-VQA in the VQA v2 layout, or check a VQA v2 tree."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from accuvqa.config import Config
+
+
+def main(cfg: Config, args: argparse.Namespace) -> int:
+    """DATASET easyvqa: write it; DATASET vqa: validate the tree. Print a summary table."""
+    from accuvqa.cli import print_table
+
+    if cfg.DATASET != "easyvqa":
+        from accuvqa.data.validate import validate_vqa_tree
+
+        summary = validate_vqa_tree(cfg)
+        print_table(f"VQA v2 tree at {cfg.DATASET_PATH} and {cfg.FEATURE_PATH}: complete", {
+            split: (f"{v['questions']} questions, "
+                    + (f"{v['annotations']} annotated, " if v["annotations"] is not None else "")
+                    + f"{v['images']} images, {v['feature_files']} feature files, "
+                    f"regions {'/'.join(map(str, v['sampled_regions']))} in the first files")
+            for split, v in summary["splits"].items()})
+        for note in summary["notes"]:
+            print(f"note: {note}")
+        return 0
+    from tqdm import tqdm
+
+    from accuvqa.data.easyvqa import prepare_easyvqa
+
+    summary = prepare_easyvqa(cfg, progress=lambda items, desc: tqdm(items, desc=desc, file=sys.stderr,
+                                                                      disable=not cfg.VERBOSE))
+    print_table(f"easy-VQA written to {cfg.DATASET_PATH} and {cfg.FEATURE_PATH}", {
+        split: f"{v['questions']} questions, {v['images']} images" for split, v in summary.items()})
+    return 0
