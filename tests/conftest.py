@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +14,21 @@ import pytest
 from accuvqa.config import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
+# a tiny MCAN for runs that test plumbing, not accuracy
+TINY = {"LAYER": 1, "HIDDEN_SIZE": 32, "MULTI_HEAD": 4, "FF_SIZE": 64, "FLAT_MLP_SIZE": 32,
+        "FLAT_OUT_SIZE": 64, "WORD_EMBED_SIZE": 16, "NUM_THREADS": 2, "VERBOSE": False}
+
+
+def run_cli(*args: str, cwd: Path, env: dict | None = None) -> subprocess.CompletedProcess:
+    """`python -m accuvqa ARGS` in a subprocess (the console script's code path), output captured."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), **(env or {})}
+    return subprocess.run([sys.executable, "-m", "accuvqa", *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+def cli_overrides(values: dict) -> list[str]:
+    """{"KEY": value} -> ["--KEY", "value", ...]."""
+    return [x for k, v in values.items() for x in (f"--{k}", str(v))]
 
 # (question, ten annotator answers) pairs reused by the generated layout
 _QA = [

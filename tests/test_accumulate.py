@@ -177,14 +177,21 @@ def test_any_split_of_any_batch_matches_the_full_batch(n, data, reduction, dtype
 
 # ----------------------------------------------------------------------------- mixed precision
 
-def test_bf16_autocast_keeps_float32_parameters_and_gradients():
+def test_bf16_autocast_runs_the_forward_in_bf16_with_float32_parameters_and_gradients():
     model, batch = make_model(), make_batch(12)
     want, _ = full_batch_grads(model, batch, "sum")
+    forward_dtypes = []  # the dtype each Linear computes in, recorded during step()
+    for layer in (model[0], model[2]):
+        layer.register_forward_hook(lambda m, args, out: forward_dtypes.append(out.dtype))
     opt = Recorder(model.parameters())
     GradientAccumulator(model, opt, micro_batches=3, autocast_dtype=torch.bfloat16).step(batch, bce_sum)
+    assert forward_dtypes == [torch.bfloat16] * 6  # 3 micro-batches x 2 Linears, all under autocast
     assert all(p.dtype == torch.float32 for p in model.parameters())
     assert all(g.dtype == torch.float32 for g in opt.seen[0])
     assert max_rel_diff(opt.seen[0], want) <= 3e-2  # bf16 matmuls: ~3 significant digits
+    forward_dtypes.clear()
+    model(batch["x"])  # autocast is scoped to step(): outside it the model runs in float32 again
+    assert forward_dtypes == [torch.float32] * 2
 
 
 def test_grad_scaler_unscales_once_and_skips_inf_updates():
@@ -209,28 +216,66 @@ def test_grad_scaler_unscales_once_and_skips_inf_updates():
     assert all(torch.equal(b, p) for b, p in zip(before, model.parameters()))
 
 
+def test_scheduler_steps_once_per_applied_update_after_the_optimizer_and_not_on_skipped_ones():
+    model, batch = make_model(), make_batch(10)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    events = []
+    opt.register_step_post_hook(lambda o, a, k: events.append("optimizer"))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(opt, lambda epoch: 0.5**epoch)
+    original_step = scheduler.step
+    scheduler.step = lambda *a, **k: (events.append("scheduler"), original_step(*a, **k))[1]
+    acc = GradientAccumulator(model, opt, micro_batches=3, reduction="mean", scaler=scaler,
+                              scheduler=scheduler)
+
+    for _ in range(2):
+        assert not acc.step(batch, bce_items).skipped
+    # 2 updates of 3 micro-batches each: 2 scheduler steps, each after its optimizer step
+    assert events == ["optimizer", "scheduler"] * 2
+    assert scheduler.last_epoch == 2 and opt.param_groups[0]["lr"] == pytest.approx(0.1 * 0.5**2)
+
+    def overflowing(model, piece):
+        loss, n = bce_items(model, piece)
+        return loss * float("inf"), n
+
+    assert acc.step(batch, overflowing).skipped
+    assert events == ["optimizer", "scheduler"] * 2  # skipped update: neither steps
+    assert scheduler.last_epoch == 2 and opt.param_groups[0]["lr"] == pytest.approx(0.1 * 0.5**2)
+
+    assert not acc.step(batch, bce_items).skipped
+    assert events == ["optimizer", "scheduler"] * 3
+    assert scheduler.last_epoch == 3
+
+
 # ----------------------------------------------------------------------------- micro_batches="auto"
 
-def test_auto_micro_batches_doubles_on_out_of_memory_and_keeps_the_count():
+def test_auto_retry_after_a_late_out_of_memory_drops_the_partial_gradient_and_keeps_the_count():
+    """The OOM strikes the 2nd micro-batch, after the 1st already put its gradient in .grad."""
     model, batch = make_model(torch.float64), make_batch(16, torch.float64)
+    # memory cost per sample: the second half of the batch is twice as expensive as the first
+    batch["cost"] = torch.tensor([1.0] * 8 + [2.0] * 8, dtype=torch.float64)
     want, _ = full_batch_grads(model, batch, "mean")
-    sizes = []
+    calls = []  # (piece size, whether .grad already held a gradient when the piece started)
 
-    def fits_five(model, piece):
-        sizes.append(len(piece["x"]))
-        if len(piece["x"]) > 5:
+    def fits_cost_twelve(model, piece):
+        grad = model[0].weight.grad
+        calls.append((len(piece["x"]), grad is not None and bool(grad.abs().sum() > 0)))
+        if float(piece["cost"].sum()) > 12:
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (injected)")
         return bce_items(model, piece)
 
     opt = Recorder(model.parameters())
     acc = GradientAccumulator(model, opt, micro_batches="auto", reduction="mean")
-    result = acc.step(batch, fits_five)
+    result = acc.step(batch, fits_cost_twelve)
+    # the 1st half's gradient from the failed k=2 attempt must not be counted twice
+    assert max_rel_diff(opt.seen[0], want) <= 1e-12
     assert result.micro_batches == 4 and acc.micro_batches == 4
-    assert sizes == [16, 8, 4, 4, 4, 4]
-    assert max_rel_diff(opt.seen[0], want) <= 1e-12  # the failed attempts left nothing behind
-    sizes.clear()
-    acc.step(batch, fits_five)
-    assert sizes == [4, 4, 4, 4]  # later windows start from the count found
+    # k=1: 16 (cost 24) fails; k=2: 8 (cost 8) runs backward, 8 (cost 16) fails; k=4: all fit
+    assert calls == [(16, False), (8, False), (8, True), (4, False), (4, True), (4, True), (4, True)]
+    calls.clear()
+    acc.step(batch, fits_cost_twelve)
+    assert [size for size, _ in calls] == [4, 4, 4, 4]  # later windows start from the count found
+    assert max_rel_diff(opt.seen[1], want) <= 1e-12
 
 
 def test_auto_gives_up_when_one_sample_does_not_fit():

@@ -1,13 +1,19 @@
 """Config: the seed's MCAN file, presets, overrides, and every bad-input message."""
 
+import dataclasses
+import importlib.resources
+import pickle
 from pathlib import Path
 
 import pytest
 
-from accuvqa.config import Config, load_config
+from accuvqa.config import Config, list_presets, load_config, resolve_config_file
 from accuvqa.errors import ConfigError
+from accuvqa.models import list_models, model_spec
 
 ROOT = Path(__file__).resolve().parents[1]
+ORIGINAL_CFGS = Path(__file__).parent / "data" / "mcan_vqa_cfgs"  # mcan-vqa's cfgs/*_model.yml, verbatim
+PACKAGED = Path(str(importlib.resources.files("accuvqa") / "configs"))
 SEED_MODEL_YML = """\
 LAYER: 6
 HIDDEN_SIZE: 512
@@ -139,3 +145,151 @@ def test_amp_setting_is_checked():
     assert load_config(overrides={"AMP": "bf16"}).AMP == "bf16"
     with pytest.raises(ConfigError, match=r"AMP must be off, bf16 or fp16, got 'fp8'"):
         load_config(overrides={"AMP": "fp8"})
+
+
+# --- packaged presets against mcan-vqa's original model files
+
+@pytest.mark.parametrize("preset", ["small", "large"])
+def test_packaged_preset_equals_mcan_vqa_original(preset):
+    original_path = ORIGINAL_CFGS / f"{preset}_model.yml"
+    packaged, original = load_config(preset), load_config(original_path)
+    want, got = original.to_dict(), packaged.to_dict()
+    assert sorted(got) == sorted(want)
+    for key in want:
+        assert got[key] == want[key], \
+            f"{preset}: {key} is {got[key]!r}, mcan-vqa's {original_path.name} gives {want[key]!r}"
+    assert packaged == original
+    # the texts are the same too, but for the newline ending the packaged file
+    assert (PACKAGED / f"{preset}.yml").read_text().rstrip("\n") == original_path.read_text()
+
+
+def test_large_learning_rate_is_mcan_vqa_s():
+    assert load_config("large").LR_BASE == 5e-05
+    assert load_config(ORIGINAL_CFGS / "large_model.yml").LR_BASE == 5e-05
+
+
+def test_preset_by_name_equals_its_packaged_file():
+    for name in ("small", "large", "easyvqa"):
+        assert resolve_config_file(name) == PACKAGED / f"{name}.yml"
+        assert load_config(name) == load_config(PACKAGED / f"{name}.yml")
+
+
+def test_unknown_preset_lists_the_presets():
+    assert {"easyvqa", "large", "small"} <= set(list_presets())
+    with pytest.raises(ConfigError, match=r"no config preset 'nosuch'") as e:
+        load_config("nosuch")
+    assert ", ".join(list_presets()) in str(e.value)
+    assert "easyvqa, large, small" in str(e.value)
+
+
+# --- MODEL_USE and the model's own keys
+
+def test_unknown_model_lists_the_registered_models():
+    assert "mcan" in list_models()
+    with pytest.raises(ConfigError, match=r"MODEL_USE 'nosuch' is not a registered model") as e:
+        load_config(overrides={"MODEL_USE": "nosuch"})
+    assert f"registered: {', '.join(list_models())}" in str(e.value)
+    if list_models() == ["mcan"]:
+        assert "registered: mcan" in str(e.value)
+
+
+def test_unknown_key_suggests_a_model_key(tmp_path):
+    with pytest.raises(ConfigError, match=r"unknown config key 'FLAT_OUT_SIZ' in .*did you mean FLAT_OUT_SIZE\?"):
+        load_config(write(tmp_path, "FLAT_OUT_SIZ: 1024\n"))
+    with pytest.raises(ConfigError, match=r"unknown config key 'layer' in command-line overrides; "
+                                          r"did you mean LAYER\?"):
+        load_config(overrides={"layer": "2"})
+    with pytest.raises(ConfigError, match=r"unknown config key 'batch_size'.*did you mean BATCH_SIZE\?"):
+        load_config(overrides={"batch_size": "2"})
+
+
+def test_key_of_another_model_names_that_model(monkeypatch):
+    """A key only another registered model declares says which model, not 'unknown'."""
+    from accuvqa.models import registry
+
+    @dataclasses.dataclass(frozen=True)
+    class ToyKeys:
+        TOY_WIDTH: int = 3
+
+        def validate(self, where):
+            pass
+
+    toy_spec = registry.ModelSpec("toy_for_test", lambda *a: None, ToyKeys)
+    monkeypatch.setitem(registry._REGISTRY, "toy_for_test", toy_spec)
+    with pytest.raises(ConfigError, match=r"TOY_WIDTH \(in command-line overrides\) is a key of model toy_for_test, "
+                                          r"not of MODEL_USE mcan"):
+        load_config(overrides={"TOY_WIDTH": "4"})
+    toy = load_config(overrides={"MODEL_USE": "toy_for_test", "TOY_WIDTH": "4"})
+    assert toy.TOY_WIDTH == 4 and "LAYER" not in toy.to_dict()
+    with pytest.raises(AttributeError):
+        toy.LAYER
+    with pytest.raises(ConfigError,
+                       match=r"LAYER .* is a key of model (.*, )?mcan(, .*)?, not of MODEL_USE toy_for_test"):
+        load_config(overrides={"MODEL_USE": "toy_for_test", "LAYER": "2"})
+    back = toy.replace(MODEL_USE="mcan")  # another model: its keys start from their defaults
+    assert back == load_config() and "TOY_WIDTH" not in back.to_dict()
+
+
+def test_model_keys_are_config_keys():
+    cfg = load_config("large")
+    d = cfg.to_dict()
+    for key in ("LAYER", "HIDDEN_SIZE", "FF_SIZE", "MULTI_HEAD", "FLAT_OUT_SIZE", "MODEL_USE"):
+        assert key in d
+    assert (d["HIDDEN_SIZE"], d["FF_SIZE"], d["MODEL_USE"]) == (1024, 4096, "mcan")
+    assert "model_keys" not in d
+    own = {f.name for f in dataclasses.fields(model_spec(cfg.MODEL_USE).keys)}
+    assert own <= set(d)
+    with pytest.raises(AttributeError, match=r"no key 'NOSUCH'"):
+        cfg.NOSUCH
+
+
+@pytest.mark.parametrize("preset", ["small", "large", "easyvqa"])
+def test_config_pickles(preset):
+    """Loader workers receive the config pickled."""
+    cfg = load_config(preset, {"OPT_PARAMS": "{weight_decay: 0.01}", "LAYER": "3"})
+    back = pickle.loads(pickle.dumps(cfg))
+    assert back == cfg and back.to_dict() == cfg.to_dict()
+    assert back.LAYER == 3 and back.FF_SIZE == cfg.FF_SIZE
+
+
+def test_replace_model_use_keeps_working():
+    cfg = load_config()
+    assert cfg.replace(MODEL_USE="mcan") == cfg
+    assert cfg.replace(MODEL_USE="mcan", LAYER=2).LAYER == 2
+    with pytest.raises(ConfigError, match=r"registered: "):
+        cfg.replace(MODEL_USE="nosuch")
+
+
+def test_replace_same_model_use_keeps_the_model_keys():
+    cfg = load_config("large", {"FF_SIZE": "1000"})
+    same = cfg.replace(MODEL_USE=cfg.MODEL_USE)
+    assert (same.HIDDEN_SIZE, same.FF_SIZE) == (1024, 1000)
+    assert same == cfg
+
+
+# --- OPT and OPT_PARAMS
+
+def test_optimizer_by_name():
+    assert load_config(overrides={"OPT": "Adamax"}).OPT == "Adamax"
+    assert load_config(overrides={"OPT": "SGD", "OPT_PARAMS": "{momentum: 0.9}"}).OPT_PARAMS == {"momentum": 0.9}
+    with pytest.raises(ConfigError, match=r"OPT 'Nope' \(from --OPT\) is not a torch.optim optimizer") as e:
+        load_config(overrides={"OPT": "Nope"})
+    assert "Adamax" in str(e.value) and "SGD" in str(e.value)
+    with pytest.raises(ConfigError, match=r"OPT 'Optimizer'"):
+        load_config(overrides={"OPT": "Optimizer"})
+
+
+def test_optimizer_params_are_checked_against_the_optimizer(tmp_path):
+    cfg = load_config(overrides={"OPT_PARAMS": {"weight_decay": 0.01}})
+    assert cfg.OPT == "Adam" and cfg.OPT_PARAMS == {"weight_decay": 0.01}
+    assert load_config(write(tmp_path, "OPT_PARAMS:\n  weight_decay: 0.01\n")).OPT_PARAMS == {"weight_decay": 0.01}
+    with pytest.raises(ConfigError, match=r"OPT_PARAMS \(from --OPT_PARAMS\): Adam takes no momentum") as e:
+        load_config(overrides={"OPT_PARAMS": {"momentum": 0.9}})
+    assert "weight_decay" in str(e.value)  # and says what it does take
+    with pytest.raises(ConfigError, match=r"OPT_PARAMS: expected mapping"):
+        load_config(overrides={"OPT_PARAMS": "[1, 2]"})
+
+
+def test_amp_off_can_be_written(tmp_path):
+    assert load_config(overrides={"AMP": "off"}).AMP == "off"
+    assert load_config(write(tmp_path, "AMP: off\n")).AMP == "off"

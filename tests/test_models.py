@@ -1,7 +1,8 @@
-"""Tests for the MCAN model (accuvqa.models)."""
+"""Tests for the models (accuvqa.models): a contract every registered model keeps, then MCAN's own."""
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -9,7 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from accuvqa.models import MCAN, build_model, make_mask
+from accuvqa.check import check_equivalence, dropout_off
+from accuvqa.config import Config, load_config
+from accuvqa.models import MCAN, build_model, list_models, make_mask, model_inputs, model_spec
 from accuvqa.models.layers import MHAtt
 
 REFERENCE = Path(__file__).parent / "data" / "mcan_reference.pt"
@@ -35,6 +38,128 @@ def make_inputs(cfg: SimpleNamespace, batch: int = 3, n: int = 5, t: int = 4) ->
     return img, ques
 
 
+# --- the contract every registered model keeps -------------------------------------------------
+# Tiny sizes of each registered model's own keys (its `keys` dataclass); a new model adds its entry.
+TINY_KEYS: dict[str, dict[str, object]] = {
+    "mcan": dict(LAYER=2, HIDDEN_SIZE=16, MULTI_HEAD=4, FF_SIZE=32, DROPOUT_R=0.1, FLAT_MLP_SIZE=16,
+                 FLAT_GLIMPSES=2, FLAT_OUT_SIZE=24),
+}
+TINY_COMMON = dict(IMG_FEAT_SIZE=10, WORD_EMBED_SIZE=8, MAX_TOKEN=6, IMG_FEAT_PAD_SIZE=7, BATCH_SIZE=8)
+REGIONS, TOKENS = 5, 4  # unpadded lengths of the contract batches
+
+
+def tiny_model_cfg(name: str) -> Config:
+    """A validated tiny config selecting registered model `name`."""
+    if name not in TINY_KEYS:
+        pytest.fail(f"registered model {name!r} has no entry in TINY_KEYS (tests/test_models.py): "
+                    f"add tiny sizes for its keys so the model contract tests can build it")
+    return load_config(overrides={"MODEL_USE": name, **TINY_COMMON, **TINY_KEYS[name]})
+
+
+def _img_feat(cfg: Config, n: int, gen: torch.Generator) -> torch.Tensor:
+    img = torch.randn(n, REGIONS, cfg.IMG_FEAT_SIZE, generator=gen)
+    img[1::3, REGIONS - 2:] = 0  # some samples have padded regions already
+    return img
+
+
+def _ques_ix(cfg: Config, n: int, gen: torch.Generator) -> torch.Tensor:
+    ques = torch.randint(1, TOKEN_SIZE, (n, TOKENS), generator=gen)
+    ques[1::3, TOKENS - 1:] = 0  # and PAD tokens
+    ques[2::3, TOKENS - 2:] = 0
+    return ques
+
+
+# batch key -> (maker(cfg, n, generator), padder(tensor, extra)): padding adds `extra` empty
+# positions along dim 1 (all-zero image regions, PAD = 0 tokens). A model whose `inputs` name
+# another key adds its entry here.
+INPUTS = {
+    "img_feat": (_img_feat, lambda t, extra: torch.cat([t, t.new_zeros(t.shape[0], extra, *t.shape[2:])], dim=1)),
+    "ques_ix": (_ques_ix, lambda t, extra: torch.cat([t, t.new_zeros(t.shape[0], extra)], dim=1)),
+}
+
+
+def contract_batch(name: str, cfg: Config, n: int = 8, seed: int = 0) -> dict[str, torch.Tensor]:
+    """A random batch holding the inputs model `name` declares, plus soft answer scores."""
+    gen = torch.Generator().manual_seed(seed)
+    batch = {}
+    for key in model_spec(name).inputs:
+        if key not in INPUTS:
+            pytest.fail(f"model {name!r} takes input {key!r}, which INPUTS (tests/test_models.py) cannot make")
+        batch[key] = INPUTS[key][0](cfg, n, gen)
+    scores = torch.rand(n, ANSWER_SIZE, generator=gen)
+    batch["answer_scores"] = scores * (torch.rand(n, ANSWER_SIZE, generator=gen) < 0.3)  # soft, mostly 0
+    return batch
+
+
+def test_every_registered_model_has_tiny_keys() -> None:
+    assert list_models(), "no model is registered"
+    missing = [name for name in list_models() if name not in TINY_KEYS]
+    assert not missing, f"add TINY_KEYS entries for {missing}"
+    for name in list_models():
+        own = {f.name for f in dataclasses.fields(model_spec(name).keys)}
+        assert set(TINY_KEYS[name]) <= own, f"TINY_KEYS[{name!r}] names keys the model does not declare"
+
+
+@pytest.mark.parametrize("name", list_models())
+def test_contract_output_shape(name: str) -> None:
+    cfg = tiny_model_cfg(name)
+    torch.manual_seed(0)
+    model = build_model(cfg, TOKEN_SIZE, ANSWER_SIZE)
+    batch = contract_batch(name, cfg, n=5)
+    out = model(*model_inputs(cfg, batch))
+    assert out.shape == (5, ANSWER_SIZE)
+    assert out.dtype == torch.float32 and torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("name", list_models())
+def test_contract_padding_invariance(name: str) -> None:
+    """Appending all-zero regions and PAD tokens leaves every output unchanged (eval mode)."""
+    cfg = tiny_model_cfg(name)
+    torch.manual_seed(0)
+    model = build_model(cfg, TOKEN_SIZE, ANSWER_SIZE).eval()
+    batch = contract_batch(name, cfg)
+    padded = {k: INPUTS[k][1](v, 3) if k in INPUTS else v for k, v in batch.items()}
+    assert all(padded[k].shape[1] == batch[k].shape[1] + 3 for k in model_spec(name).inputs)
+    with torch.no_grad():
+        ref = model(*model_inputs(cfg, batch))
+        out = model(*model_inputs(cfg, padded))
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("name", list_models())
+def test_contract_accumulation_is_exact(name: str) -> None:
+    """2, 3 (uneven: 8 = 3 + 2 + 3) and 4 micro-batches give the one-batch gradient, dropout off."""
+    cfg = tiny_model_cfg(name)
+    torch.manual_seed(0)
+    model = dropout_off(build_model(cfg, TOKEN_SIZE, ANSWER_SIZE))
+    batch = contract_batch(name, cfg, n=8)
+
+    def loss_fn(model: torch.nn.Module, piece: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+        logits = model(*model_inputs(cfg, piece))
+        target = piece["answer_scores"]
+        return torch.nn.functional.binary_cross_entropy_with_logits(logits, target, reduction="sum"), target.shape[0]
+
+    rows = check_equivalence(model, batch, loss_fn, [2, 3, 4], reduction="sum", repeats=1)
+    by_k = {row.micro_batches: row for row in rows}
+    assert sorted(by_k) == [1, 2, 3, 4]
+    assert by_k[3].micro_batch_size == "2-3"  # the uneven split is exercised
+    for row in rows:
+        assert row.rel_diff < 1e-5, f"{name}: {row.micro_batches} micro-batches, relative difference {row.rel_diff:.2e}"
+
+
+@pytest.mark.parametrize("name", list_models())
+def test_contract_dictionary_parameters(name: str) -> None:
+    """The spec's token_param / answer_param name parameters sized by the two dictionaries."""
+    cfg = tiny_model_cfg(name)
+    spec = model_spec(name)
+    state = build_model(cfg, TOKEN_SIZE, ANSWER_SIZE).state_dict()
+    assert spec.token_param in state, f"{name}: token_param {spec.token_param!r} not in the state_dict"
+    assert spec.answer_param in state, f"{name}: answer_param {spec.answer_param!r} not in the state_dict"
+    assert state[spec.token_param].shape[0] == TOKEN_SIZE
+    assert state[spec.answer_param].shape[0] == ANSWER_SIZE
+
+
+# --- MCAN -------------------------------------------------------------------------------------
 def expected_keys_layer1() -> list[str]:
     """State-dict keys of mcan-vqa's Net for LAYER=1 (order of module registration)."""
     def lin(p: str) -> list[str]:

@@ -18,6 +18,7 @@ import torch
 from accuvqa.checkpoint import load_checkpoint
 from accuvqa.cli import main
 from accuvqa.config import load_config
+from accuvqa.data.vocab import encode_question
 from accuvqa.checkpoint import load_trained
 from accuvqa.train import train
 
@@ -175,3 +176,38 @@ def test_resume_from_an_mcan_checkpoint_counts_epochs_and_updates_like_mcan(tmp_
     assert {int(s["step"]) for s in state["optimizer"]["state"].values()} == {1 + updates}
     changed = [k for k, v in original["state_dict"].items() if not torch.equal(state["state_dict"][k], v)]
     assert len(changed) == len(original["state_dict"])
+
+
+def test_without_a_pinned_token_dictionary_it_is_rebuilt_from_the_question_files(tmp_path):
+    """mcan-vqa's rule: tokens in first-seen order over the train, val, test (and vg) question files."""
+    run = write_original_run(tmp_path, "layer2")
+    case = run["case"]
+    overrides = {k: v for k, v in run["overrides"].items() if k != "TOKEN_DICT_PATH"}
+    pinned = json.loads((tmp_path / "token_to_ix.json").read_text())
+    rows = [b for b in range(case["ques_ix"].shape[0]) if 1 not in case["ques_ix"][b].tolist()]  # no UNK word
+    questions = [" ".join(word(int(t)) for t in case["ques_ix"][b] if t != 0) for b in rows]
+    val_file = tmp_path / "vqa" / "v2_OpenEnded_mscoco_val2014_questions.json"
+    val_file.write_text(json.dumps({"questions": [{"question_id": 10 + b, "image_id": 500 + b, "question": q}
+                                                  for b, q in zip(rows, questions)]}))
+    train_file = tmp_path / "vqa" / "v2_OpenEnded_mscoco_train2014_questions.json"
+    cfg = load_config(overrides={**overrides, "CKPT_PATH": str(run["ckpt"])})
+
+    def answers_to_questions_as_read(first_words: list[str]):
+        """Rebuild the dictionary with a train file seen first, then answer the questions it encodes."""
+        train_file.write_text(json.dumps({"questions": [
+            {"question_id": 1, "image_id": 1, "question": " ".join(first_words)}]}))
+        model, vocab, _, _ = load_trained(cfg, torch.device("cpu"))
+        ques_ix = torch.stack([torch.from_numpy(encode_question(q, vocab.token_to_ix, case["ques_ix"].shape[1]))
+                               for q in questions])
+        model.eval()
+        with torch.no_grad():
+            return vocab, ques_ix, torch.sigmoid(model(case["img_feat"][rows], ques_ix))
+
+    # every word in id order, read first: the rebuilt ids are the pinned ones, the answers the original's
+    vocab, ques_ix, probs = answers_to_questions_as_read([word(i) for i in range(2, TOKEN_SIZE)])
+    assert vocab.token_to_ix == pinned and torch.equal(ques_ix, case["ques_ix"][rows])
+    torch.testing.assert_close(probs, case["probs"][rows], atol=1e-5, rtol=0)
+    # the same words first seen in another order: other ids, other answers
+    vocab, ques_ix, probs = answers_to_questions_as_read([word(i) for i in reversed(range(2, TOKEN_SIZE))])
+    assert vocab.token_to_ix[word(2)] == TOKEN_SIZE - 1
+    assert float((probs - case["probs"][rows]).abs().max()) > 1e-3

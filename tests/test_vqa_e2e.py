@@ -3,14 +3,17 @@
 import json
 from pathlib import Path
 
+import pytest
+
 from conftest import write_vqa_layout
-from test_train import ROOT, run_cli
+from conftest import ROOT, run_cli
 
 SMALL = ["--LAYER", "1", "--HIDDEN_SIZE", "32", "--MULTI_HEAD", "4", "--FLAT_MLP_SIZE", "32",
          "--FLAT_OUT_SIZE", "64", "--WORD_EMBED_SIZE", "16", "--IMG_FEAT_SIZE", "12",
          "--IMG_FEAT_PAD_SIZE", "6", "--BATCH_SIZE", "16", "--MAX_EPOCH", "2", "--NUM_THREADS", "2"]
 
 
+@pytest.mark.slow
 def test_prepare_train_val_test_on_a_generated_vqa_v2_tree(tmp_path):
     layout = write_vqa_layout(tmp_path, images_per_split=12)  # each answer 12 times: in the dictionary
     common = ["--config", str(ROOT / "configs/small.yml"), "--DATASET", "vqa",
@@ -19,7 +22,10 @@ def test_prepare_train_val_test_on_a_generated_vqa_v2_tree(tmp_path):
 
     r = run_cli("prepare", *common, cwd=tmp_path)
     assert r.returncode == 0, r.stderr
-    assert str(layout["counts"]["train"]) in r.stdout and str(layout["counts"]["test"]) in r.stdout
+    rows = {line.split()[0]: line.split(maxsplit=1)[1] for line in r.stdout.splitlines()[1:] if line.startswith("  ")}
+    assert rows["train"].startswith(f"{layout['counts']['train']} questions, {layout['counts']['train']} annotated, "
+                                    f"12 images, 12 feature files")
+    assert rows["test"].startswith(f"{layout['counts']['test']} questions, 12 images, 12 feature files")
 
     r = run_cli("train", *common, "--GRAD_ACCU_STEPS", "3", cwd=tmp_path)
     assert r.returncode == 0, r.stderr

@@ -107,7 +107,7 @@ class Config:
     def replace(self, **changes: Any) -> "Config":
         """A validated copy with some keys changed."""
         values = {**self.to_dict(), **changes}
-        if "MODEL_USE" in changes:  # another model: its own keys start from its defaults
+        if changes.get("MODEL_USE", self.MODEL_USE) != self.MODEL_USE:  # another model: its keys start afresh
             for key in model_key_types(self.MODEL_USE):
                 if key not in changes:
                     values.pop(key, None)
@@ -155,6 +155,8 @@ def _type_name(tp: Any) -> str:
 def _coerce(key: str, value: Any, source: str, types: Mapping[str, Any]) -> Any:
     """Convert `value` to the declared type of `key`, or raise a ConfigError saying why."""
     tp = types[key]
+    if key == "AMP" and value is False:
+        value = "off"  # YAML 1.1 reads an unquoted `off` as false
     try:
         return _coerce_to(tp, value)
     except (TypeError, ValueError):

@@ -146,7 +146,7 @@ def train(cfg: Config) -> dict[str, Any]:
         # running sums stay on the device: reading them (a host sync) happens only when logging
         loss_sum = torch.zeros((), dtype=torch.float64, device=rt.device)
         item_sum = torch.zeros((), dtype=torch.float64, device=rt.device)
-        for batch in batch_loader(train_set, batches, cfg):
+        for done, batch in enumerate(batch_loader(train_set, batches, cfg), start=1):
             step += 1
             lr = lr_at(cfg, step, epoch, updates_per_epoch)
             for group in optimizer.param_groups:
@@ -159,10 +159,10 @@ def train(cfg: Config) -> dict[str, Any]:
                 item_sum += result.n_items
             samples_seen += cfg.BATCH_SIZE
             bar.update(1)
-            if bar.n % 20 == 0 or bar.n == len(batches):
+            if done % 20 == 0 or done == len(batches):  # reading the loss syncs with the device: not every update
                 mean_loss = _finite_mean(loss_sum, item_sum, step, epoch)
                 bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}",
-                                samples_s=f"{bar.n * cfg.BATCH_SIZE / (time.perf_counter() - epoch_start):.0f}")
+                                samples_s=f"{done * cfg.BATCH_SIZE / (time.perf_counter() - epoch_start):.0f}")
         bar.close()
 
         # checkpoint and evaluation

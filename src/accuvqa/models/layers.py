@@ -132,6 +132,13 @@ class FFN(nn.Module):
         return self.mlp(x)
 
 
+def _add_residual_norms(module: nn.Module, cfg: Any, count: int) -> None:
+    """Register dropout1, norm1, ..., dropout<count>, norm<count>: the original's names and order."""
+    for i in range(1, count + 1):
+        setattr(module, f"dropout{i}", nn.Dropout(cfg.DROPOUT_R))
+        setattr(module, f"norm{i}", LayerNorm(cfg.HIDDEN_SIZE))
+
+
 class SA(nn.Module):
     """Self-attention unit: MHAtt + FFN, each with residual, dropout and LayerNorm."""
 
@@ -139,10 +146,7 @@ class SA(nn.Module):
         super().__init__()
         self.mhatt = MHAtt(cfg)
         self.ffn = FFN(cfg)
-        self.dropout1 = nn.Dropout(cfg.DROPOUT_R)
-        self.norm1 = LayerNorm(cfg.HIDDEN_SIZE)
-        self.dropout2 = nn.Dropout(cfg.DROPOUT_R)
-        self.norm2 = LayerNorm(cfg.HIDDEN_SIZE)
+        _add_residual_norms(self, cfg, 2)
 
     def forward(self, x: torch.Tensor, x_mask: torch.Tensor | None) -> torch.Tensor:
         """x (B, L, H), x_mask (B, 1, 1, L)."""
@@ -158,12 +162,7 @@ class SGA(nn.Module):
         self.mhatt1 = MHAtt(cfg)
         self.mhatt2 = MHAtt(cfg)
         self.ffn = FFN(cfg)
-        self.dropout1 = nn.Dropout(cfg.DROPOUT_R)
-        self.norm1 = LayerNorm(cfg.HIDDEN_SIZE)
-        self.dropout2 = nn.Dropout(cfg.DROPOUT_R)
-        self.norm2 = LayerNorm(cfg.HIDDEN_SIZE)
-        self.dropout3 = nn.Dropout(cfg.DROPOUT_R)
-        self.norm3 = LayerNorm(cfg.HIDDEN_SIZE)
+        _add_residual_norms(self, cfg, 3)
 
     def forward(
         self, x: torch.Tensor, y: torch.Tensor, x_mask: torch.Tensor | None, y_mask: torch.Tensor | None

@@ -1,0 +1,62 @@
+"""`accuvqa check`: the accumulated gradient against the one-batch gradient, on the configured model."""
+
+import argparse
+
+import pytest
+import torch
+
+import accuvqa.check
+from accuvqa.check import check_equivalence, equivalence_risks
+from accuvqa.config import load_config
+from conftest import ROOT, run_cli
+
+
+def test_check_command_prints_the_table_and_verdict(easyvqa_slice, tmp_path):
+    r = run_cli("check", "--config", str(ROOT / "configs/easyvqa.yml"),
+                "--DATASET_PATH", easyvqa_slice["DATASET_PATH"], "--FEATURE_PATH", easyvqa_slice["FEATURE_PATH"],
+                "--GRAD_ACCU_STEPS", "3", "--DROPOUT_R", "0.1", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    rows = [line.split() for line in r.stdout.splitlines() if line.strip()[:1].isdigit()]
+    assert [int(row[0]) for row in rows] == [1, 2, 3, 4, 8]
+    assert [row[1] for row in rows] == ["64", "32", "21-22", "16", "8"]
+    assert all(float(row[3]) < 1e-5 for row in rows)
+    assert "verdict: equivalent" in r.stdout and "note: dropout" in r.stdout
+
+
+def test_check_flags_batchnorm_as_non_equivalent():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.BatchNorm1d(8), torch.nn.Linear(8, 1))
+    batch = {"x": torch.randn(16, 4), "y": torch.randn(16, 1)}
+
+    def loss_fn(m, b):
+        return ((m(b["x"]) - b["y"]) ** 2).sum(), len(b["x"])
+
+    with pytest.warns(UserWarning, match="BatchNorm"):
+        rows = check_equivalence(model, batch, loss_fn, [4])
+    assert rows[1].rel_diff > 1e-2  # statistics of 4 samples are not those of 16
+    assert "BatchNorm" in equivalence_risks(model)[0]
+
+
+class _WithBatchNorm(torch.nn.Module):
+    """The configured model followed by a BatchNorm over its logits: not equivalent by construction."""
+
+    def __init__(self, inner: torch.nn.Module, answers: int) -> None:
+        super().__init__()
+        self.inner, self.norm = inner, torch.nn.BatchNorm1d(answers)
+
+    def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
+        return self.norm(self.inner(*inputs))
+
+
+def test_check_exits_1_with_the_verdict_when_accumulation_is_not_equivalent(easyvqa_slice, monkeypatch, capsys):
+    real_build = accuvqa.check.build_model
+    monkeypatch.setattr(accuvqa.check, "build_model",
+                        lambda cfg, tokens, answers: _WithBatchNorm(real_build(cfg, tokens, answers), answers))
+    cfg = load_config(ROOT / "configs/easyvqa.yml", {
+        "DATASET_PATH": easyvqa_slice["DATASET_PATH"], "FEATURE_PATH": easyvqa_slice["FEATURE_PATH"],
+        "VERBOSE": False})
+    with pytest.warns(UserWarning, match="BatchNorm"):
+        code = accuvqa.check.main(cfg, argparse.Namespace(command="check"))
+    out = capsys.readouterr().out
+    assert code == 1
+    assert "verdict: NOT equivalent" in out and "note: BatchNorm layers (norm)" in out

@@ -1,0 +1,67 @@
+"""Checkpoints: one path resolver, the never-overwrite guard, atomic saves, clear load errors."""
+
+import os
+
+import pytest
+import torch
+
+import accuvqa.checkpoint
+from accuvqa.checkpoint import (checkpoint_path, guard_new_run, load_checkpoint, resolve_checkpoint,
+                                save_checkpoint)
+from accuvqa.config import load_config
+from accuvqa.errors import CheckpointError, ConfigError
+
+
+def test_the_resolver_reads_ckpt_path_then_version_and_epoch(tmp_path):
+    cfg = load_config(overrides={"CKPTS_PATH": str(tmp_path), "VERSION": "run", "MAX_EPOCH": 13})
+    assert resolve_checkpoint(cfg.replace(CKPT_PATH="x/y.pkl", CKPT_EPOCH=3)) == type(tmp_path)("x/y.pkl")
+    assert resolve_checkpoint(cfg.replace(CKPT_EPOCH=3)) == tmp_path / "ckpt_run" / "epoch3.pkl"
+    assert resolve_checkpoint(cfg.replace(CKPT_EPOCH=3, CKPT_VERSION="other")) == tmp_path / "ckpt_other/epoch3.pkl"
+    assert resolve_checkpoint(cfg, default_epoch=13) == tmp_path / "ckpt_run" / "epoch13.pkl"
+    with pytest.raises(ConfigError, match="give --CKPT_EPOCH N .* or --CKPT_PATH FILE"):
+        resolve_checkpoint(cfg)
+    # VERSION unset: the run is named by its seed, as in mcan-vqa
+    assert resolve_checkpoint(load_config(overrides={"SEED": 7, "CKPT_EPOCH": 2}), 1) == \
+        checkpoint_path("ckpts", "7", 2)
+
+
+def test_a_new_run_never_writes_over_a_run_of_the_same_name(tmp_path):
+    cfg = load_config(overrides={"CKPTS_PATH": str(tmp_path), "VERSION": "run"})
+    guard_new_run(cfg)  # nothing there yet
+    save_checkpoint(checkpoint_path(tmp_path, "run", 1), {"state_dict": {}})
+    with pytest.raises(ConfigError, match="already holds checkpoints of a run named 'run'"):
+        guard_new_run(cfg)
+    guard_new_run(cfg.replace(RESUME=True))  # continuing it is what resume is for
+
+
+def test_a_failed_save_keeps_the_old_file_and_leaves_no_temporary_file(tmp_path, monkeypatch):
+    path = checkpoint_path(tmp_path, "run", 1)
+    save_checkpoint(path, {"state_dict": {"w": torch.ones(3)}})
+    before = path.read_bytes()
+
+    def disk_full(obj, f):
+        f.write(b"partial")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(accuvqa.checkpoint.torch, "save", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        save_checkpoint(path, {"state_dict": {"w": torch.zeros(3)}})
+    assert path.read_bytes() == before and os.listdir(path.parent) == ["epoch1.pkl"]
+    monkeypatch.undo()
+    assert torch.equal(load_checkpoint(path)["state_dict"]["w"], torch.ones(3))
+
+
+@pytest.mark.parametrize("content,message", [
+    (b"\x80\x04 not a checkpoint", "cannot load checkpoint"),
+    (None, "is not an accuvqa/mcan-vqa checkpoint: no 'state_dict' entry"),
+])
+def test_files_that_are_not_checkpoints_are_named(tmp_path, content, message):
+    path = tmp_path / "x.pkl"
+    if content is None:
+        torch.save({"weights": torch.ones(1)}, path)
+    else:
+        path.write_bytes(content)
+    with pytest.raises(CheckpointError, match=message):
+        load_checkpoint(path)
+    with pytest.raises(CheckpointError, match="checkpoint .*missing.pkl does not exist"):
+        load_checkpoint(tmp_path / "missing.pkl")
