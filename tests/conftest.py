@@ -92,3 +92,17 @@ def easyvqa_slice(tmp_path_factory) -> dict:
     cfg = load_config(ROOT / "configs/easyvqa.yml", paths)
     summary = prepare_easyvqa(cfg, max_images=240)
     return {**paths, "summary": summary, "root": root}
+
+
+@pytest.fixture(scope="session")
+def tiny_trained(easyvqa_slice, tmp_path_factory):
+    """Config of a tiny MCAN trained one epoch on the easy-VQA slice (CKPT_EPOCH 1: its checkpoint)."""
+    from accuvqa.train import train
+
+    root = tmp_path_factory.mktemp("tiny_trained")
+    cfg = load_config(ROOT / "configs/easyvqa.yml", {
+        **TINY, "DATASET_PATH": easyvqa_slice["DATASET_PATH"], "FEATURE_PATH": easyvqa_slice["FEATURE_PATH"],
+        "CKPTS_PATH": str(root / "ck"), "RESULT_PATH": str(root / "res"), "MAX_EPOCH": 1, "VERSION": "tiny",
+        "EVAL_EVERY_EPOCH": False})
+    train(cfg)
+    return cfg.replace(CKPT_EPOCH=1)

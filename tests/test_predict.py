@@ -2,23 +2,14 @@
 
 import pytest
 
-from accuvqa.config import load_config
 from accuvqa.data.features import feature_file
 from accuvqa.errors import DataError
 from accuvqa.predict import predict
-from accuvqa.train import train
-from conftest import ROOT, TINY
 
 
-@pytest.fixture(scope="module")
-def trained(easyvqa_slice, tmp_path_factory):
-    root = tmp_path_factory.mktemp("predict")
-    cfg = load_config(ROOT / "configs/easyvqa.yml", {
-        **TINY, "DATASET_PATH": easyvqa_slice["DATASET_PATH"], "FEATURE_PATH": easyvqa_slice["FEATURE_PATH"],
-        "CKPTS_PATH": str(root / "ck"), "RESULT_PATH": str(root / "res"), "MAX_EPOCH": 1, "VERSION": "pr",
-        "EVAL_EVERY_EPOCH": False})
-    train(cfg)
-    return cfg.replace(CKPT_EPOCH=1)
+@pytest.fixture
+def trained(tiny_trained):
+    return tiny_trained
 
 
 @pytest.mark.parametrize("question", ["What color is the shape?", "Is there a circle?"])

@@ -57,7 +57,7 @@ def test_grad_accu_steps_does_not_change_what_is_learned(easyvqa_slice, tmp_path
     assert summaries[4]["effective_batch"] == "BATCH_SIZE 64 = 16 x 4 x 1"
     assert summaries[1]["updates"] == summaries[3]["updates"] == summaries[4]["updates"] > 20
     diffs = {k: float((logits[k] - logits[1]).abs().max()) for k in (3, 4)}
-    print("max |logit diff| after one epoch vs GRAD_ACCU_STEPS 1:", diffs)
+    print(f"max |logit diff| after one epoch ({summaries[1]['updates']} updates) vs GRAD_ACCU_STEPS 1:", diffs)
     assert max(diffs.values()) <= 1e-4, diffs
     assert (logits[1].std(dim=0) > 1e-2).any()  # the model did learn something input-dependent
     # and training moved the outputs far more than the tolerance: the untrained model's logits

@@ -43,7 +43,7 @@ def read_features(path: Path, feat_size: int, pad_size: int) -> np.ndarray:
         with np.load(path) as npz:
             x = npz["x"]
     except (OSError, ValueError, KeyError, zipfile.BadZipFile, EOFError) as e:
-        raise DataError(f"cannot read region features {path}: {e or type(e).__name__}") from None
+        raise DataError(f"cannot read region features {path}: {e or type(e).__name__}") from e
     if x.ndim != 2 or x.shape[0] != feat_size:
         raise DataError(
             f"{path}: 'x' has shape {x.shape}, expected ({feat_size}, N) with IMG_FEAT_SIZE {feat_size}"

@@ -57,7 +57,7 @@ def _read_json(path: Path, what: str) -> Any:
         with open(path) as f:
             return json.load(f)
     except (ValueError, UnicodeDecodeError) as e:
-        raise DataError(f"{path} is not valid JSON: {e}") from None
+        raise DataError(f"{path} is not valid JSON: {e}") from e
 
 
 @dataclass(frozen=True)
@@ -103,7 +103,7 @@ def load_split(dataset_path: str | Path, split: str, need_answers: bool) -> list
                 multiple_choice_answer=ann.get("multiple_choice_answer", "") if ann else "",
             ))
         except KeyError as e:
-            raise DataError(f"{qpath}: a question or its annotation lacks the key {e}") from None
+            raise DataError(f"{qpath}: a question or its annotation lacks the key {e}") from e
     return records
 
 

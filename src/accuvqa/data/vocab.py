@@ -74,11 +74,11 @@ def load_answer_dict(path: str | Path) -> tuple[dict[str, int], dict[str, str]]:
     try:
         ans_to_ix, ix_to_ans = json.loads(Path(path).read_text())
     except OSError as e:
-        raise DataError(f"cannot read answer dictionary {path}: {e.strerror}") from None
+        raise DataError(f"cannot read answer dictionary {path}: {e.strerror}") from e
     except (ValueError, TypeError):
         raise DataError(
             f"{path} is not an answer dictionary: expected JSON [ans_to_ix, ix_to_ans]"
-        ) from None
+        ) from e
     return ans_to_ix, ix_to_ans
 
 

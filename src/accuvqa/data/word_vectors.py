@@ -111,7 +111,7 @@ def _glove_vectors(path: Path, wanted: set[str], size: int) -> dict[str, np.ndar
                 if len(found) == len(wanted):
                     break
     except (OSError, EOFError) as e:
-        raise DataError(f"cannot read WORD_VECTORS file {path}: {e}") from None
+        raise DataError(f"cannot read WORD_VECTORS file {path}: {e}") from e
     if not dim_checked:
         raise DataError(f"WORD_VECTORS file {path} holds no vectors; {INSTALL_HINT}")
     return found
@@ -128,7 +128,7 @@ def _spacy_vectors(name: str, words: Sequence[str], size: int) -> np.ndarray:
         nlp = spacy.load(name)
     except (OSError, ImportError, ValueError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise DataError(f"spaCy cannot load WORD_VECTORS {name!r} ({first}); {INSTALL_HINT}") from None
+        raise DataError(f"spaCy cannot load WORD_VECTORS {name!r} ({first}); {INSTALL_HINT}") from e
     width = int(nlp.vocab.vectors_length)
     if width == 0:
         raise DataError(f"the spaCy package {name!r} has no word vectors; {INSTALL_HINT}")
