@@ -166,7 +166,7 @@ def test_resume_from_an_mcan_checkpoint_counts_epochs_and_updates_like_mcan(tmp_
         "VERSION": "resumed", "BATCH_SIZE": str(batch_size), "EVAL_EVERY_EPOCH": "False"})
     summary = train(cfg)
 
-    assert sorted(p.name for p in (ckpts / "ckpt_resumed").iterdir()) == ["epoch3.pkl"]  # epoch 3 only
+    assert sorted(p.name for p in (ckpts / "ckpt_resumed").iterdir()) == ["epoch3.pkl", "latest.json"]  # epoch 3 only
     state = load_checkpoint(ckpts / "ckpt_resumed" / "epoch3.pkl")
     assert state["epoch"] == 3
     # mcan-vqa resumes its update counter at int(data_size / BATCH_SIZE * CKPT_EPOCH), then one epoch

@@ -8,10 +8,12 @@ import torch
 
 from accuvqa.checkpoint import load_checkpoint, load_trained
 from accuvqa.config import load_config
-from accuvqa.data.loader import make_dataset
+from accuvqa.data.features import feature_file
+from accuvqa.data.loader import epoch_batches, make_dataset
 from accuvqa.data.records import load_records
 from accuvqa.errors import DataError
 from accuvqa.models import build_model, model_inputs
+from accuvqa.runtime import Runtime
 from accuvqa.train import lr_at, train
 from conftest import ROOT, TINY, write_vqa_layout
 
@@ -116,20 +118,49 @@ def test_training_with_bf16_autocast_and_auto_micro_batches(easyvqa_slice, tmp_p
     assert set(seen) == {torch.float32}
 
 
-def test_a_loss_that_is_not_finite_stops_the_run_naming_the_update(tmp_path):
-    layout = write_vqa_layout(tmp_path, images_per_split=10)  # 50 train questions, each answer 10 times
-    for path in (tmp_path / "feats" / "train2014").iterdir():  # every train image's features poisoned
+def _poison(layout: dict, image_ids) -> None:
+    """Put a NaN into the region features of these train images."""
+    for image_id in image_ids:
+        path = feature_file(layout["FEATURE_PATH"], "train2014", image_id)
         with np.load(path) as npz:
             x = npz["x"].copy()
         x[0, 0] = np.nan
         np.savez(path, x=x)
-    cfg = load_config(overrides={**TINY, "DATASET_PATH": layout["DATASET_PATH"],
-                                 "FEATURE_PATH": layout["FEATURE_PATH"], "IMG_FEAT_SIZE": 12, "BATCH_SIZE": 10,
-                                 "MAX_EPOCH": 2, "CKPTS_PATH": str(tmp_path / "ck"), "VERSION": "nan",
-                                 "RESULT_PATH": str(tmp_path / "res")})
-    with pytest.raises(DataError, match=r"the training loss became nan at update 5 \(epoch 1\); lower LR_BASE"):
+
+
+def _nan_cfg(layout: dict, tmp_path, **more):
+    return load_config(overrides={**TINY, "DATASET_PATH": layout["DATASET_PATH"], "FEATURE_PATH": layout["FEATURE_PATH"],
+                                  "IMG_FEAT_SIZE": 12, "BATCH_SIZE": 10, "CKPTS_PATH": str(tmp_path / "ck"),
+                                  "RESULT_PATH": str(tmp_path / "res"), "EVAL_EVERY_EPOCH": False, **more})
+
+
+def test_too_many_non_finite_updates_in_a_row_stop_the_run_naming_the_update(tmp_path):
+    layout = write_vqa_layout(tmp_path, images_per_split=10)  # 50 train questions, each answer 10 times
+    _poison(layout, range(1000, 1010))  # every train image
+    cfg = _nan_cfg(layout, tmp_path, MAX_EPOCH=2, MAX_BAD_UPDATES=3, VERSION="nan")
+    with pytest.raises(DataError, match=r"^3 updates in a row had a non-finite loss or gradient, the last at update 3 "
+                                        r"\(epoch 1; MAX_BAD_UPDATES 3\); .* the last good checkpoint is none$"):
         train(cfg)
     assert not (tmp_path / "ck" / "ckpt_nan").exists()  # no checkpoint of a diverged model
+
+
+def test_an_update_with_a_non_finite_loss_is_skipped_and_training_goes_on(tmp_path, caplog):
+    layout = write_vqa_layout(tmp_path, images_per_split=10)
+    _poison(layout, [1003])
+    cfg = _nan_cfg(layout, tmp_path, MAX_EPOCH=1, VERSION="skip")
+    records = load_records(cfg, "train", need_answers=True)
+    poisoned = {i for i, r in enumerate(records) if r.image_id == 1003}
+    expected = [step for step, batch in enumerate(epoch_batches(len(records), cfg, 0, Runtime(torch.device("cpu"))),
+                                                  start=1) if poisoned & set(batch.tolist())]
+    assert 0 < len(expected) < 5  # some updates meet the poisoned image, not all
+    with caplog.at_level("WARNING", logger="accuvqa.train"):
+        summary = train(cfg)
+    skipped = [int(r.getMessage().split()[1]) for r in caplog.records if "non-finite" in r.getMessage()]
+    assert skipped == expected and summary["updates"] == 5
+    state = load_checkpoint(tmp_path / "ck/ckpt_skip/epoch1.pkl")
+    assert all(torch.isfinite(v).all() for v in state["state_dict"].values())
+    # Adam counted only the applied updates
+    assert {int(s["step"]) for s in state["optimizer"]["state"].values()} == {5 - len(expected)}
 
 
 def test_the_optimizer_comes_from_opt_and_opt_params(tmp_path):

@@ -103,6 +103,8 @@ class GradientAccumulator:
     once before clipping, and the update skipped (`StepResult.skipped`) on inf/NaN.
     `autocast_dtype`: run each forward under `torch.autocast` with this dtype (bf16 or fp16).
     `scheduler`: stepped once per applied update, after the optimizer.
+    `skip_nonfinite`: when the window's loss or accumulated gradient is inf/NaN, apply nothing
+    (`StepResult.skipped`): the weights, the optimizer's moments and the scheduler stay as they were.
     """
 
     def __init__(
@@ -116,6 +118,7 @@ class GradientAccumulator:
         scaler: Any = None,
         autocast_dtype: torch.dtype | None = None,
         scheduler: Any = None,
+        skip_nonfinite: bool = False,
     ) -> None:
         if reduction not in ("sum", "mean"):
             raise ValueError(f"reduction must be 'sum' or 'mean', got {reduction!r}")
@@ -131,6 +134,7 @@ class GradientAccumulator:
         self.scaler = scaler if scaler is not None and scaler.is_enabled() else None
         self.autocast_dtype = autocast_dtype
         self.scheduler = scheduler
+        self.skip_nonfinite = skip_nonfinite
         self._warned_unused = False
         batch_norms = [name for name, m in model.named_modules()
                        if isinstance(m, nn.modules.batchnorm._BatchNorm)]
@@ -251,6 +255,8 @@ class GradientAccumulator:
             self.scaler.step(self.optimizer)  # skips the step when the gradient holds inf/NaN
             self.scaler.update()
             skipped = self.scaler.get_scale() < scale_before
+        elif self.skip_nonfinite and not bool(torch.isfinite(loss) & torch.isfinite(grad_norm)):
+            skipped = True  # one more host sync per update, only when asked for
         else:
             self.optimizer.step()
         if self.scheduler is not None and not skipped:

@@ -16,7 +16,7 @@ import traceback
 from typing import Any, NamedTuple, Sequence
 
 from accuvqa.config import load_config
-from accuvqa.errors import AccuvqaError, ConfigError
+from accuvqa.errors import AccuvqaError, ConfigError, Stopped
 
 
 class Command(NamedTuple):
@@ -106,10 +106,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     except AccuvqaError as e:
         if os.environ.get("ACCUVQA_DEBUG", "") not in ("", "0"):
             traceback.print_exc()
-        print(f"accuvqa: error: {e}", file=sys.stderr)
-        code = 2
+        print(f"accuvqa: {'stopped' if isinstance(e, Stopped) else 'error'}: {e}", file=sys.stderr)
+        code = e.exit_code
     except KeyboardInterrupt:
-        print("accuvqa: interrupted; completed epochs are saved as checkpoints", file=sys.stderr)
+        print("accuvqa: interrupted at once; the newest checkpoint saved before it is intact "
+              "(continue with --RESUME True)", file=sys.stderr)
         code = 130
     sys.exit(code)
 

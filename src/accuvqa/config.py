@@ -70,7 +70,10 @@ class Config:
     # --- evaluation and checkpoints
     EVAL_EVERY_EPOCH: bool = True
     TEST_SAVE_PRED: bool = False
-    RESUME: bool = False
+    RESUME: bool = False  # alone: continue the run named by VERSION from its newest checkpoint
+    CKPT_EVERY_STEPS: int = 0  # also save a resumable checkpoint every N updates (0: at epoch ends only)
+    KEEP_CKPTS: int = 2  # mid-epoch checkpoints kept, newest first (0: all); epoch checkpoints are never removed
+    MAX_BAD_UPDATES: int = 5  # stop after this many updates in a row with a non-finite loss or gradient
     CKPT_VERSION: Optional[str] = None  # None: VERSION
     CKPT_EPOCH: int = 0
     CKPT_PATH: Optional[str] = None
@@ -265,8 +268,10 @@ def _validate(cfg: Config, sources: Mapping[str, str]) -> None:
         raise ConfigError(f"DATASET must be 'vqa' or 'easyvqa', got {cfg.DATASET!r}")
     if not 0.0 < cfg.VAL_FRACTION < 1.0:
         raise ConfigError(f"VAL_FRACTION must be in (0, 1), got {cfg.VAL_FRACTION}")
-    if cfg.NUM_WORKERS < 0:
-        raise ConfigError(f"NUM_WORKERS must be >= 0, got {cfg.NUM_WORKERS}")
+    for key in ("NUM_WORKERS", "CKPT_EVERY_STEPS", "KEEP_CKPTS"):
+        if getattr(cfg, key) < 0:
+            raise ConfigError(f"{key} must be >= 0, got {getattr(cfg, key)}{where(key)}")
+    require_positive(cfg, ["MAX_BAD_UPDATES"], where)
 
 
 def _validate_optimizer(cfg: Config, where: Callable[[str], str]) -> None:

@@ -4,6 +4,16 @@
 class AccuvqaError(Exception):
     """Base class of every error caused by user input (config, data, checkpoints)."""
 
+    exit_code = 2  # what the command exits with
+
+
+class Stopped(AccuvqaError):
+    """A run stopped on request (SIGTERM / SIGINT) after saving a resumable checkpoint."""
+
+    def __init__(self, message: str, signum: int) -> None:
+        super().__init__(message)
+        self.exit_code = 128 + signum  # the shell's convention for a death by that signal
+
 
 class ConfigError(AccuvqaError):
     """A bad config file, key, value or combination of values."""

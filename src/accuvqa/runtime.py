@@ -1,8 +1,11 @@
-"""Where a run executes: device, threads, seeds, the process group under torchrun, mixed precision."""
+"""Where a run executes: device, threads, seeds, the process group under torchrun, mixed precision, signals."""
 
 from __future__ import annotations
 
+import logging
 import os
+import signal
+import threading
 from dataclasses import dataclass
 from typing import Any, Mapping
 
@@ -11,6 +14,8 @@ import torch
 
 from accuvqa.config import Config, check_batch_split
 from accuvqa.errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -70,3 +75,44 @@ def to_device(batch: Mapping[str, torch.Tensor], device: torch.device) -> dict[s
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     """The model inside a DistributedDataParallel wrapper (or the model itself)."""
     return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
+
+
+class StopRequest:
+    """SIGTERM / SIGINT during training: the first asks the loop to stop after the current update
+    (it then saves a resumable checkpoint); a second one stops at once (KeyboardInterrupt).
+
+    Used as a context manager around the loop; handlers are installed only in the main thread.
+    """
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> "StopRequest":
+        if threading.current_thread() is threading.main_thread():
+            for signum in (signal.SIGTERM, signal.SIGINT):
+                self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        self._previous.clear()
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.signum is not None:
+            raise KeyboardInterrupt  # the second signal: stop now
+        self.signum = signum
+        log.warning("%s received: finishing the current update, then saving a checkpoint "
+                    "(send it again to stop at once)", signal.Signals(signum).name)
+
+    def requested(self, rt: Runtime) -> bool:
+        """True when a stop was asked for, in any process (all processes stop at the same update)."""
+        asked = self.signum is not None
+        if rt.world_size > 1:
+            flag = torch.tensor([float(asked)], device=rt.device)
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+            asked = bool(flag.item())
+            if asked and self.signum is None:
+                self.signum = signal.SIGTERM  # another process was signalled
+        return asked

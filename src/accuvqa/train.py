@@ -11,8 +11,11 @@ import argparse
 import inspect
 import logging
 import math
+import shlex
+import signal
 import sys
 import time
+from pathlib import Path
 from typing import Any, Callable
 
 import torch
@@ -20,17 +23,18 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from accuvqa.accumulate import GradientAccumulator
-from accuvqa.checkpoint import (checkpoint_path, checkpoint_state, checkpoint_vocab, guard_new_run, load_checkpoint,
-                                load_optimizer_state, load_weights, resolve_checkpoint, save_checkpoint)
+from accuvqa.checkpoint import (Position, checkpoint_path, checkpoint_state, checkpoint_vocab, guard_new_run,
+                                latest_checkpoint, load_checkpoint, resolve_checkpoint, restore_run,
+                                save_run_checkpoint, step_checkpoint_path)
 from accuvqa.config import Config
 from accuvqa.data.loader import batch_loader, epoch_batches, make_dataset
 from accuvqa.data.records import annotation_file, load_records, parse_splits, question_file
-from accuvqa.data.vocab import build_vocab
+from accuvqa.data.vocab import Vocab, build_vocab
 from accuvqa.data.word_vectors import load_pretrained_embedding
-from accuvqa.errors import ConfigError, DataError
+from accuvqa.errors import ConfigError, DataError, Stopped
 from accuvqa.evaluate import evaluate_split
 from accuvqa.models import build_model, model_inputs
-from accuvqa.runtime import mixed_precision, setup_runtime, to_device, unwrap
+from accuvqa.runtime import Runtime, StopRequest, mixed_precision, setup_runtime, to_device, unwrap
 
 log = logging.getLogger(__name__)
 
@@ -90,16 +94,16 @@ def effective_batch_text(batch_size: int, micro_batches: int, world_size: int) -
 # ----------------------------------------------------------------------------- the run
 
 def train(cfg: Config) -> dict[str, Any]:
-    """Train for MAX_EPOCH epochs; checkpoint and evaluate after each; return a summary."""
+    """Train to MAX_EPOCH epochs; checkpoint and evaluate after each (and every CKPT_EVERY_STEPS updates);
+    with RESUME, continue a run exactly where its checkpoint left it. Return a summary."""
     # set-up
     rt = setup_runtime(cfg)
     if rt.is_main:
         guard_new_run(cfg)
     resume, resume_path = None, None
     if cfg.RESUME:
-        resume_path = resolve_checkpoint(cfg)
+        resume_path = resolve_checkpoint(cfg, newest=True)
         resume = load_checkpoint(resume_path)
-        log.info("resuming from %s", resume_path)
 
     # data
     train_records = load_records(cfg, cfg.TRAIN_SPLIT, need_answers=True)
@@ -113,19 +117,21 @@ def train(cfg: Config) -> dict[str, Any]:
     if n_batches == 0:
         raise ConfigError(f"BATCH_SIZE {cfg.BATCH_SIZE} is larger than the training set ({len(train_set)} questions)")
 
-    # model and optimizer
+    # model, optimizer, and where the run stands
     pretrained_emb = load_pretrained_embedding(cfg, vocab.token_to_ix) if cfg.USE_GLOVE and resume is None else None
     model = build_model(cfg, len(vocab.token_to_ix), len(vocab.ans_to_ix), pretrained_emb).to(rt.device)
-    optimizer = make_optimizer(cfg, model)
-    start_epoch, step = 0, 0
-    if resume is not None:
-        start_epoch, step = _restore(cfg, resume, resume_path, model, optimizer, len(train_set))
-    if rt.world_size > 1:
-        model = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None)
     accumulator = GradientAccumulator(
-        model, optimizer, micro_batches=cfg.GRAD_ACCU_STEPS, reduction=cfg.LOSS_REDUCTION,
-        max_grad_norm=cfg.GRAD_NORM_CLIP if cfg.GRAD_NORM_CLIP > 0 else None, **mixed_precision(cfg, rt.device))
+        model, make_optimizer(cfg, model), micro_batches=cfg.GRAD_ACCU_STEPS, reduction=cfg.LOSS_REDUCTION,
+        max_grad_norm=cfg.GRAD_NORM_CLIP if cfg.GRAD_NORM_CLIP > 0 else None, skip_nonfinite=True,
+        **mixed_precision(cfg, rt.device))
+    pos = Position()
+    if resume is not None:
+        pos = restore_run(cfg, resume, resume_path, model, accumulator, len(train_set))
+        log.info("resuming from %s: %d epochs and %d updates done, %d batches into the next epoch",
+                 resume_path, pos.epoch, pos.step, pos.batch)
+    if rt.world_size > 1:
+        accumulator.model = model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None)
     loss_fn = make_loss_fn(cfg)
     if rt.is_main:
         log.info("train: %d questions, %d images; %d updates/epoch; %s (micro-batch x GRAD_ACCU_STEPS x "
@@ -135,80 +141,104 @@ def train(cfg: Config) -> dict[str, Any]:
 
     # the loop
     updates_per_epoch = len(train_set) / cfg.BATCH_SIZE  # mcan-vqa's warm-up counts data_size / batch
-    started = time.perf_counter()
-    samples_seen, last_eval = 0, None
-    for epoch in range(start_epoch, cfg.MAX_EPOCH):
-        batches = epoch_batches(len(train_set), cfg, epoch, rt)
-        bar = tqdm(total=len(batches), desc=f"epoch {epoch + 1}/{cfg.MAX_EPOCH}", file=sys.stderr,
-                   disable=not (rt.is_main and cfg.VERBOSE), dynamic_ncols=True,
-                   mininterval=0.5 if sys.stderr.isatty() else 15.0)
-        epoch_start = time.perf_counter()
-        # running sums stay on the device: reading them (a host sync) happens only when logging
-        loss_sum = torch.zeros((), dtype=torch.float64, device=rt.device)
-        item_sum = torch.zeros((), dtype=torch.float64, device=rt.device)
-        for done, batch in enumerate(batch_loader(train_set, batches, cfg), start=1):
-            step += 1
-            lr = lr_at(cfg, step, epoch, updates_per_epoch)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            result = accumulator.step(to_device(batch, rt.device), loss_fn)
-            if result.skipped:  # its loss is inf/NaN by construction: keep it out of the running mean
-                log.warning("update %d skipped: fp16 gradient overflow (the loss scale is lowered)", step)
-            else:
-                loss_sum += result.loss.detach() * (1 if cfg.LOSS_REDUCTION == "sum" else result.n_items)
-                item_sum += result.n_items
-            samples_seen += cfg.BATCH_SIZE
-            bar.update(1)
-            if done % 20 == 0 or done == len(batches):  # reading the loss syncs with the device: not every update
-                mean_loss = _finite_mean(loss_sum, item_sum, step, epoch)
-                bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}",
-                                samples_s=f"{done * cfg.BATCH_SIZE / (time.perf_counter() - epoch_start):.0f}")
-        bar.close()
+    started, first_step, last_eval = time.perf_counter(), pos.step, None
+    with StopRequest() as stop:
+        for epoch in range(pos.epoch, cfg.MAX_EPOCH):
+            batches = epoch_batches(len(train_set), cfg, epoch, rt)
+            bar = tqdm(total=len(batches), initial=pos.batch, desc=f"epoch {epoch + 1}/{cfg.MAX_EPOCH}", file=sys.stderr,
+                       disable=not (rt.is_main and cfg.VERBOSE), dynamic_ncols=True,
+                       mininterval=0.5 if sys.stderr.isatty() else 15.0)
+            epoch_start = time.perf_counter()
+            # running sums stay on the device: reading them (a host sync) happens only when logging
+            loss_sum = torch.tensor(pos.loss_sum, dtype=torch.float64, device=rt.device)
+            item_sum = torch.tensor(pos.item_sum, dtype=torch.float64, device=rt.device)
+            for done, batch in enumerate(batch_loader(train_set, batches[pos.batch:], cfg), start=pos.batch + 1):
+                pos.step += 1
+                lr = lr_at(cfg, pos.step, epoch, updates_per_epoch)
+                for group in accumulator.optimizer.param_groups:
+                    group["lr"] = lr
+                result = accumulator.step(to_device(batch, rt.device), loss_fn)
+                if result.skipped:  # its loss is inf/NaN: kept out of the running mean
+                    pos.bad_updates = _count_bad_update(cfg, pos, epoch, accumulator)
+                else:
+                    pos.bad_updates = 0
+                    loss_sum += result.loss.detach() * (1 if cfg.LOSS_REDUCTION == "sum" else result.n_items)
+                    item_sum += result.n_items
+                bar.update(1)
+                if done % 20 == 0 or done == len(batches):  # reading the loss syncs with the device: not every update
+                    bar.set_postfix(loss=f"{float(loss_sum) / max(float(item_sum), 1.0):.4f}", lr=f"{lr:.2e}",
+                                    samples_s=f"{(done - pos.batch) * cfg.BATCH_SIZE / (time.perf_counter() - epoch_start):.0f}")
+                stopping = stop.requested(rt)
+                if done < len(batches) and (stopping or (cfg.CKPT_EVERY_STEPS and pos.step % cfg.CKPT_EVERY_STEPS == 0)):
+                    mid = Position(epoch, pos.step, done, float(loss_sum), float(item_sum), pos.bad_updates)
+                    path = _save(cfg, rt, step_checkpoint_path(cfg.CKPTS_PATH, cfg.run_version, pos.step),
+                                 model, accumulator, vocab, mid, epoch)
+                    if stopping:
+                        _stop(stop, path, pos.step, epoch)
+            bar.close()
 
-        # checkpoint and evaluation
-        if rt.is_main:
-            path = checkpoint_path(cfg.CKPTS_PATH, cfg.run_version, epoch + 1)
-            save_checkpoint(path, checkpoint_state(cfg, model, optimizer, vocab, epoch + 1, step, lr_base_at(cfg, epoch)))
+            # checkpoint and evaluation
             seconds = time.perf_counter() - epoch_start
-            msg = (f"epoch {epoch + 1}: train loss {float(loss_sum) / max(float(item_sum), 1.0):.4f}, "
-                   f"{seconds:.1f} s, {len(batches) * cfg.BATCH_SIZE / seconds:.0f} samples/s")
-            if eval_set is not None:
-                last_eval = evaluate_split(cfg, unwrap(model), eval_set, vocab, rt.device, "val", epoch + 1, step)
+            msg = (f"epoch {epoch + 1}: train loss {float(loss_sum) / max(float(item_sum), 1.0):.4f}, {seconds:.1f} s, "
+                   f"{(len(batches) - pos.batch) * cfg.BATCH_SIZE / seconds:.0f} samples/s")
+            pos = Position(epoch + 1, pos.step, 0, 0.0, 0.0, pos.bad_updates)
+            path = _save(cfg, rt, checkpoint_path(cfg.CKPTS_PATH, cfg.run_version, epoch + 1),
+                         model, accumulator, vocab, pos, epoch)
+            if rt.is_main and eval_set is not None:
+                last_eval = evaluate_split(cfg, unwrap(model), eval_set, vocab, rt.device, "val", epoch + 1, pos.step)
                 msg += f"; val accuracy {last_eval['accuracy']:.2f}% (" + ", ".join(
                     f"{k} {v:.2f}" for k, v in sorted(last_eval["per_answer_type"].items())) + ")"
-            log.info("%s; saved %s", msg, path)
-        if rt.world_size > 1:
-            torch.distributed.barrier()
+            if rt.is_main:
+                log.info("%s; saved %s", msg, path)
+            if stop.requested(rt):
+                _stop(stop, path, pos.step, epoch)
 
     wall = time.perf_counter() - started
-    return {"version": cfg.run_version, "epochs": cfg.MAX_EPOCH, "updates": step, "wall_time_s": wall,
-            "samples_per_s": samples_seen / wall if wall > 0 else 0.0,
+    return {"version": cfg.run_version, "epochs": cfg.MAX_EPOCH, "updates": pos.step,
+            "updates_run": pos.step - first_step, "wall_time_s": wall,
+            "samples_per_s": (pos.step - first_step) * cfg.BATCH_SIZE / wall if wall > 0 else 0.0,
             "effective_batch": effective_batch_text(cfg.BATCH_SIZE, accumulator.micro_batches, rt.world_size),
             "val_accuracy": last_eval["accuracy"] if last_eval else None,
             "checkpoint": str(checkpoint_path(cfg.CKPTS_PATH, cfg.run_version, cfg.MAX_EPOCH))}
 
 
-def _restore(cfg: Config, state: dict[str, Any], path: Any, model: torch.nn.Module,
-             optimizer: torch.optim.Optimizer, n_samples: int) -> tuple[int, int]:
-    """Load weights, optimizer and RNG state of a checkpoint; return (epochs done, updates done)."""
-    load_weights(model, state, path, cfg.MODEL_USE)
-    load_optimizer_state(optimizer, state, path)
-    epoch = int(state.get("epoch", cfg.CKPT_EPOCH))
-    # an mcan-vqa checkpoint has no step count; mcan-vqa resumes its warm-up counter at
-    # int(data_size / BATCH_SIZE * CKPT_EPOCH)
-    step = int(state["step"]) if "step" in state else int(n_samples / cfg.BATCH_SIZE * epoch)
-    if "rng_torch" in state:
-        torch.set_rng_state(state["rng_torch"])
-    return epoch, step
+def _save(cfg: Config, rt: Runtime, path: Path, model: torch.nn.Module, accumulator: GradientAccumulator,
+          vocab: Vocab, pos: Position, epoch: int) -> Path:
+    """Save a resumable checkpoint on the first process; the others wait for it."""
+    if rt.is_main:
+        save_run_checkpoint(cfg, path, checkpoint_state(cfg, model, accumulator, vocab, pos, lr_base_at(cfg, epoch)))
+    if rt.world_size > 1:
+        torch.distributed.barrier()
+    return path
 
 
-def _finite_mean(loss_sum: torch.Tensor, item_sum: torch.Tensor, step: int, epoch: int) -> float:
-    """The epoch's mean training loss so far; DataError when it is no longer finite."""
-    mean_loss = float(loss_sum) / max(float(item_sum), 1.0)
-    if not math.isfinite(mean_loss):
-        raise DataError(f"the training loss became {mean_loss} at update {step} (epoch {epoch + 1}); "
-                        f"lower LR_BASE or set GRAD_NORM_CLIP; the last good checkpoint is kept")
-    return mean_loss
+def _count_bad_update(cfg: Config, pos: Position, epoch: int, accumulator: GradientAccumulator) -> int:
+    """Log a skipped update; DataError after MAX_BAD_UPDATES in a row (fp16 overflow skips are the scaler's)."""
+    if accumulator.scaler is not None:
+        log.warning("update %d skipped: fp16 gradient overflow (the loss scale is lowered)", pos.step)
+        return pos.bad_updates
+    bad = pos.bad_updates + 1
+    log.warning("update %d (epoch %d) skipped: non-finite loss or gradient (%d in a row)", pos.step, epoch + 1, bad)
+    if bad >= cfg.MAX_BAD_UPDATES:
+        last = latest_checkpoint(cfg.CKPTS_PATH, cfg.run_version)
+        raise DataError(f"{bad} updates in a row had a non-finite loss or gradient, the last at update {pos.step} "
+                        f"(epoch {epoch + 1}; MAX_BAD_UPDATES {cfg.MAX_BAD_UPDATES}); lower LR_BASE, set "
+                        f"GRAD_NORM_CLIP or check the data; the last good checkpoint is {last or 'none'}")
+    return bad
+
+
+def _stop(stop: StopRequest, path: Path, step: int, epoch: int) -> None:
+    """End the run on a signal, saying where it was saved and how to go on."""
+    args, kept = sys.argv[1:], []
+    while args:  # the same command line, less any RESUME already on it
+        arg, args = args[0], args[1:]
+        if arg == "--RESUME":
+            args = args[1:]
+        elif not arg.startswith("--RESUME="):
+            kept.append(arg)
+    command = " ".join(shlex.quote(a) for a in ["accuvqa", *kept])
+    raise Stopped(f"{signal.Signals(stop.signum).name} at update {step} (epoch {epoch + 1}); saved {path}; "
+                  f"continue with: {command} --RESUME True", stop.signum)
 
 
 def main(cfg: Config, args: argparse.Namespace) -> int:
