@@ -1,28 +1,41 @@
 """Everything about checkpoints: what one holds, where it lives, atomic save, safe load, weights.
 
 Files are mcan-vqa's: `<CKPTS_PATH>/ckpt_<VERSION>/epoch<N>.pkl`, a dict with `state_dict`,
-`optimizer` and `lr_base`, plus ours (config, step, RNG state, vocabularies and their fingerprint).
+`optimizer` and `lr_base`, plus ours (config, position in the run, every RNG state, the GradScaler,
+the micro-batch count, vocabularies and their fingerprint). With CKPT_EVERY_STEPS, mid-epoch
+checkpoints `step<N>.pkl` sit beside them, and `latest.json` names the newest of all.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import errno
+import json
 import logging
 import pickle
+import random
+import re
+import shutil
 import zipfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
+from accuvqa.accumulate import GradientAccumulator
 from accuvqa.config import Config
 from accuvqa.data.records import load_records
 from accuvqa.data.vocab import Vocab, build_vocab
 from accuvqa.errors import CheckpointError, ConfigError
-from accuvqa.files import atomic_write
+from accuvqa.files import atomic_write, write_json_atomic
 from accuvqa.models import build_model, model_spec
 from accuvqa.runtime import unwrap
 
 log = logging.getLogger(__name__)
+
+LATEST = "latest.json"  # in a run's folder: the name of its newest checkpoint
 
 
 def checkpoint_path(ckpts_path: str | Path, version: str, epoch: int) -> Path:
@@ -30,41 +43,102 @@ def checkpoint_path(ckpts_path: str | Path, version: str, epoch: int) -> Path:
     return Path(ckpts_path) / f"ckpt_{version}" / f"epoch{epoch}.pkl"
 
 
-def resolve_checkpoint(cfg: Config, default_epoch: int | None = None) -> Path:
+def step_checkpoint_path(ckpts_path: str | Path, version: str, step: int) -> Path:
+    """`<CKPTS_PATH>/ckpt_<VERSION>/step<N>.pkl`: a mid-epoch checkpoint after N updates."""
+    return Path(ckpts_path) / f"ckpt_{version}" / f"step{step}.pkl"
+
+
+def latest_checkpoint(ckpts_path: str | Path, version: str) -> Path | None:
+    """The newest checkpoint of a run: the one `latest.json` names, else the highest epoch file."""
+    run_dir = Path(ckpts_path) / f"ckpt_{version}"
+    try:
+        named = run_dir / json.loads((run_dir / LATEST).read_text())["checkpoint"]
+        if named.is_file():
+            return named
+    except (OSError, ValueError, KeyError, TypeError):
+        pass  # no pointer (an mcan-vqa run folder, or none yet): epoch files decide
+    epochs = [int(m.group(1)) for p in run_dir.glob("epoch*.pkl") if (m := re.fullmatch(r"epoch(\d+)\.pkl", p.name))]
+    return checkpoint_path(ckpts_path, version, max(epochs)) if epochs else None
+
+
+def resolve_checkpoint(cfg: Config, default_epoch: int | None = None, newest: bool = False) -> Path:
     """The checkpoint a command reads: CKPT_PATH, else run CKPT_VERSION (or VERSION) at CKPT_EPOCH.
 
-    Without CKPT_EPOCH the epoch is `default_epoch`; when that is None too, a ConfigError says
-    what to give.
+    Without CKPT_EPOCH: the run's newest checkpoint when `newest` (resume), else `default_epoch`;
+    when neither applies, a ConfigError says what to give.
     """
     if cfg.CKPT_PATH:
         return Path(cfg.CKPT_PATH)
-    epoch = cfg.CKPT_EPOCH if cfg.CKPT_EPOCH > 0 else default_epoch
-    if epoch is None:
+    version = cfg.CKPT_VERSION or cfg.run_version
+    if cfg.CKPT_EPOCH > 0:
+        return checkpoint_path(cfg.CKPTS_PATH, version, cfg.CKPT_EPOCH)
+    if newest:
+        found = latest_checkpoint(cfg.CKPTS_PATH, version)
+        if found is None:
+            raise ConfigError(f"run {version!r} has no checkpoint to resume in {Path(cfg.CKPTS_PATH) / f'ckpt_{version}'}; "
+                              f"check --VERSION / --CKPTS_PATH, or start it without --RESUME")
+        return found
+    if default_epoch is None:
         raise ConfigError("no checkpoint named: give --CKPT_EPOCH N (of run CKPT_VERSION, else VERSION) "
                           "or --CKPT_PATH FILE")
-    return checkpoint_path(cfg.CKPTS_PATH, cfg.CKPT_VERSION or cfg.run_version, epoch)
+    return checkpoint_path(cfg.CKPTS_PATH, version, default_epoch)
 
 
 def guard_new_run(cfg: Config) -> None:
     """ConfigError when a new (not resumed) run would write over checkpoints of a run of the same name."""
     run_dir = Path(cfg.CKPTS_PATH) / f"ckpt_{cfg.run_version}"
-    if not cfg.RESUME and run_dir.is_dir() and any(run_dir.glob("epoch*.pkl")):
+    if not cfg.RESUME and run_dir.is_dir() and any(run_dir.glob("*.pkl")):
         raise ConfigError(
             f"{run_dir} already holds checkpoints of a run named {cfg.run_version!r}; a new run never "
-            f"overwrites them: pick another --VERSION, or continue it with --RESUME True --CKPT_EPOCH N")
+            f"overwrites them: pick another --VERSION, or continue it with --RESUME True")
 
 
-def checkpoint_state(cfg: Config, model: torch.nn.Module, optimizer: torch.optim.Optimizer, vocab: Vocab,
-                     epoch: int, step: int, lr_base: float) -> dict[str, Any]:
+@dataclass
+class Position:
+    """Where a run stands: what an exact resume must know besides weights, optimizer and RNGs."""
+
+    epoch: int = 0  # epochs completed
+    step: int = 0  # updates completed
+    batch: int = 0  # batches done in the running epoch (0 at an epoch boundary)
+    loss_sum: float = 0.0  # the running epoch's training-loss sums, for its log line
+    item_sum: float = 0.0
+    bad_updates: int = 0  # updates skipped in a row for a non-finite loss or gradient
+
+
+def rng_state() -> dict[str, Any]:
+    """Every random generator's state: Python, NumPy, torch (CPU and each CUDA device)."""
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    state = {"python": random.getstate(), "torch": torch.get_rng_state(),
+             "numpy": [name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss]}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng(state: dict[str, Any]) -> None:
+    """Set the generators to a state saved by `rng_state`."""
+    random.setstate(state["python"])
+    name, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def checkpoint_state(cfg: Config, model: torch.nn.Module, accumulator: GradientAccumulator, vocab: Vocab,
+                     position: Position, lr_base: float) -> dict[str, Any]:
     """What a checkpoint holds: mcan-vqa's keys plus what an exact resume needs."""
     return {
         "state_dict": unwrap(model).state_dict(),
-        "optimizer": optimizer.state_dict(),
-        "lr_base": lr_base,  # mcan-vqa: the base learning rate of the epoch just finished
+        "optimizer": accumulator.optimizer.state_dict(),
+        "lr_base": lr_base,  # mcan-vqa: the base learning rate of the epoch running or just finished
         "config": cfg.to_dict(),
-        "epoch": epoch,  # epochs completed
-        "step": step,  # updates completed
-        "rng_torch": torch.get_rng_state(),
+        "epoch": position.epoch,  # epochs completed
+        "step": position.step,  # updates completed
+        "position": dataclasses.asdict(position),
+        "rng": rng_state(),
+        "scaler": accumulator.scaler.state_dict() if accumulator.scaler is not None else None,
+        "micro_batches": accumulator.micro_batches,
         "token_to_ix": vocab.token_to_ix,
         "ans_to_ix": vocab.ans_to_ix,
         "vocab_fingerprint": vocab.fingerprint(),
@@ -76,32 +150,206 @@ def save_checkpoint(path: str | Path, state: dict[str, Any]) -> Path:
     return atomic_write(path, lambda f: torch.save(state, f))
 
 
-def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Load a checkpoint with `weights_only=True`; clear errors for missing or corrupt files."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint {path} does not exist")
+def save_run_checkpoint(cfg: Config, path: Path, state: dict[str, Any]) -> Path:
+    """Save a checkpoint of the run, point `latest.json` at it, keep the newest KEEP_CKPTS mid-epoch ones.
+
+    A failed write (a full disk, above all) is one CheckpointError naming the cause and the last
+    good checkpoint; no temporary file is left and earlier checkpoints are untouched.
+    """
+    last_good = latest_checkpoint(cfg.CKPTS_PATH, cfg.run_version)
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, pickle.UnpicklingError, EOFError, zipfile.BadZipFile, ValueError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"cannot load checkpoint {path}: {first}") from e
+        save_checkpoint(path, state)
+        write_json_atomic(path.parent / LATEST, {"checkpoint": path.name, "epoch": state["epoch"],
+                                                 "step": state["step"]})
+    except (OSError, RuntimeError) as e:
+        # torch.save reports a full disk as RuntimeError ("unexpected pos ..."), not as OSError
+        free = shutil.disk_usage(path.parent).free if path.parent.is_dir() else 0
+        full = getattr(e, "errno", None) == errno.ENOSPC or free < 2 * 2**20
+        cause = (f"no space left on device ({free / 2**20:.1f} MiB free in {path.parent})" if full
+                 else str(e).strip().splitlines()[0])
+        raise CheckpointError(f"cannot write checkpoint {path}: {cause}; the last good checkpoint is "
+                              f"{last_good if last_good else 'none (nothing was saved yet)'}") from e
+    if cfg.KEEP_CKPTS > 0:
+        steps = sorted((int(m.group(1)), p) for p in path.parent.glob("step*.pkl")
+                       if (m := re.fullmatch(r"step(\d+)\.pkl", p.name)))
+        for _, old in steps[:-cfg.KEEP_CKPTS]:
+            if old != path:
+                old.unlink(missing_ok=True)
+    return path
+
+
+def restore_run(cfg: Config, state: dict[str, Any], path: Path, model: torch.nn.Module,
+                accumulator: GradientAccumulator, n_samples: int) -> Position:
+    """Load a checkpoint's weights, optimizer, scaler, micro-batch count and RNGs; return its position."""
+    load_weights(model, state, path, cfg.MODEL_USE, cfg)
+    load_optimizer_state(accumulator.optimizer, state, path)
+    if state.get("scaler") and accumulator.scaler is not None:
+        accumulator.scaler.load_state_dict(state["scaler"])
+    if accumulator.auto and state.get("micro_batches"):
+        accumulator.micro_batches = int(state["micro_batches"])
+    if "rng" in state:
+        restore_rng(state["rng"])
+    elif "rng_torch" in state:  # an accuvqa checkpoint from before mid-epoch checkpoints
+        torch.set_rng_state(state["rng_torch"])
+    if "position" in state:
+        return Position(**state["position"])
+    epoch = int(state.get("epoch", cfg.CKPT_EPOCH))
+    # an mcan-vqa checkpoint has no step count; mcan-vqa resumes its warm-up counter at
+    # int(data_size / BATCH_SIZE * CKPT_EPOCH)
+    step = int(state["step"]) if "step" in state else int(n_samples / cfg.BATCH_SIZE * epoch)
+    return Position(epoch=epoch, step=step)
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Load a checkpoint with `weights_only=True`: tensors and plain values only, never code.
+
+    Every failure is one CheckpointError naming the file: missing (with what its run folder
+    holds), refused (a pickle that would call a function or build an object when loaded: nothing
+    of it runs), truncated, or corrupt (torch.load then raises nearly anything: IndexError,
+    OSError, KeyError, struct.error, UnicodeDecodeError, ...).
+    """
+    import pickletools
+    import re
+    import warnings
+
+    path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(f"checkpoint {path} is a folder, not a file: name a checkpoint file in it "
+                              f"(epoch<N>.pkl)")
+    if not path.is_file():
+        run_dir = path.parent
+        if not run_dir.is_dir():
+            there = (f"; there is no folder {run_dir} (no run of that name: check CKPTS_PATH and "
+                     f"--VERSION / --CKPT_VERSION)")
+        else:
+            names = sorted((p.name for p in run_dir.glob("*.pkl")),
+                           key=lambda n: [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", n)])
+            there = (f"; {run_dir} holds {', '.join(names[:10])}{' ...' if len(names) > 10 else ''}" if names
+                     else f"; {run_dir} holds no checkpoint")
+        raise CheckpointError(f"checkpoint {path} does not exist{there}")
+
+    def globals_referenced() -> list[str]:
+        """'module.name' of every global the file's pickles reference, read with pickletools (which
+        parses opcodes and executes nothing)."""
+        blobs: list[bytes] = []
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as zf:
+                blobs = [zf.read(n) for n in zf.namelist() if n.endswith(".pkl")]
+        else:
+            blobs = [path.read_bytes()]  # a plain pickle, or torch's legacy format: pickles back to back
+        found: list[str] = []
+        for blob in blobs:
+            pos = 0
+            for _ in range(8):
+                strings: list[Any] = []
+                memo: dict[int, Any] = {}
+                names: list[str] = []  # kept only when the pickle is whole: a truncated one is corrupt
+                try:
+                    for op, arg, at in pickletools.genops(blob[pos:]):
+                        if op.name in ("GLOBAL", "INST"):
+                            names.append(str(arg).replace(" ", "."))
+                        elif op.name == "STACK_GLOBAL" and len(strings) >= 2:
+                            names.append(f"{strings[-2]}.{strings[-1]}")
+                        elif isinstance(arg, str) and ("UNICODE" in op.name or "STRING" in op.name):
+                            strings.append(arg)
+                        elif op.name in ("BINPUT", "LONG_BINPUT", "PUT") and strings:
+                            memo[int(arg)] = strings[-1]
+                        elif op.name == "MEMOIZE" and strings:
+                            memo[len(memo)] = strings[-1]
+                        elif op.name in ("BINGET", "LONG_BINGET", "GET") and int(arg) in memo:
+                            strings.append(memo[int(arg)])
+                        if op.name == "STOP":
+                            found += names
+                            pos += at + 1
+                            break
+                    else:
+                        break
+                except (ValueError, TypeError, IndexError, UnicodeDecodeError):
+                    break  # not (or no longer) a pickle
+        return found
+
+    def plain(name: str) -> bool:  # what a checkpoint may reference: torch's types and a few containers
+        module = name.rsplit(".", 1)[0]
+        return (module == "torch" or module.startswith("torch.") or module in ("collections", "_codecs")
+                or (module in ("builtins", "__builtin__")
+                    and name.rsplit(".", 1)[-1] in ("set", "frozenset", "bytearray", "complex")))
+
+    try:
+        with warnings.catch_warnings():  # torch warns about pickle protocols etc.: one line on stderr only
+            warnings.simplefilter("ignore")
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except MemoryError:
+        raise
+    except Exception as e:  # noqa: BLE001 - see the docstring: a corrupt file raises nearly anything
+        if isinstance(e, pickle.UnpicklingError):
+            try:
+                code = [g for g in dict.fromkeys(globals_referenced()) if not plain(g)]
+            except (OSError, zipfile.BadZipFile, RuntimeError):
+                code = []
+            if code:
+                raise CheckpointError(
+                    f"refused to load {path}: it is not a plain checkpoint (it would call {', '.join(code[:3])} "
+                    f"when loaded, i.e. run code); a checkpoint holds only tensors and plain values: use one "
+                    f"saved by accuvqa or mcan-vqa") from e
+        with open(path, "rb") as f:
+            head = f.read(4)
+        text = str(e).strip()
+        reason = re.search(r"Unsupported[^\n]*?(?= was not|\. |\n|$)", text)  # weights_only's own reason
+        detail = reason.group(0) if reason else re.split(r"(?<=\.) ", text.splitlines()[0])[0][:200] if text else ""
+        if not head:
+            why = "the file is empty"
+        elif head == b"PK\x03\x04" and not zipfile.is_zipfile(path):
+            why = "it is truncated (a zip archive without its end: an interrupted copy or save?)"
+        else:
+            why = (f"it is corrupt or not a PyTorch checkpoint ({type(e).__name__}"
+                   f"{': ' + detail if detail else ''})")
+        raise CheckpointError(f"cannot load checkpoint {path}: {why}") from e
     if not isinstance(state, dict) or "state_dict" not in state:
         raise CheckpointError(f"{path} is not an accuvqa/mcan-vqa checkpoint: no 'state_dict' entry")
+    if not isinstance(state["state_dict"], dict):
+        raise CheckpointError(f"{path} is not an accuvqa/mcan-vqa checkpoint: its 'state_dict' is a "
+                              f"{type(state['state_dict']).__name__}, not a mapping of weights")
     return state
 
 
-def checkpoint_vocab(cfg: Config, state: dict[str, Any]) -> Vocab:
+def checkpoint_vocab(cfg: Config, state: dict[str, Any], path: str | Path | None = None) -> Vocab:
     """The dictionaries a checkpoint was trained with; an original mcan-vqa one holds none, so they
-    are rebuilt from the data (mcan-vqa's rules) or read from TOKEN_DICT_PATH / ANSWER_DICT_PATH."""
-    if "token_to_ix" in state:
-        return Vocab(state["token_to_ix"], state["ans_to_ix"])
-    train_records = [] if cfg.ANSWER_DICT_PATH else load_records(cfg, cfg.TRAIN_SPLIT, need_answers=True)
-    return build_vocab(cfg, train_records)
+    are rebuilt from the data (mcan-vqa's rules) or read from TOKEN_DICT_PATH / ANSWER_DICT_PATH.
+
+    When the checkpoint holds them, a TOKEN_DICT_PATH / ANSWER_DICT_PATH that differs is a
+    CheckpointError naming both (`path` names the checkpoint); an equal one is fine.
+    """
+    from accuvqa.data.vocab import load_answer_dict, load_token_dict
+
+    if "token_to_ix" not in state:
+        train_records = [] if cfg.ANSWER_DICT_PATH else load_records(cfg, cfg.TRAIN_SPLIT, need_answers=True)
+        return build_vocab(cfg, train_records)
+    where = f"checkpoint {path}" if path is not None else "the checkpoint"
+    stored = {"token": state.get("token_to_ix"), "answer": state.get("ans_to_ix")}
+    for what, table in stored.items():
+        if not isinstance(table, dict):
+            raise CheckpointError(f"{where} holds no usable {what} dictionary "
+                                  f"({'token_to_ix' if what == 'token' else 'ans_to_ix'} is {type(table).__name__})")
+    for what, key, read in (("token", "TOKEN_DICT_PATH", load_token_dict),
+                            ("answer", "ANSWER_DICT_PATH", lambda p: load_answer_dict(p)[0])):
+        pinned_path = getattr(cfg, key)
+        if not pinned_path:
+            continue
+        pinned, own = read(pinned_path), stored[what]
+        if pinned != own:
+            diff = next((f"{k!r} is {v} in the file, {own.get(k, 'absent')} in the checkpoint"
+                         for k, v in pinned.items() if own.get(k) != v), None)
+            diff = diff or next((f"{k!r} is absent from the file" for k in own if k not in pinned), "")
+            raise CheckpointError(
+                f"{key} {pinned_path} ({len(pinned)} {what}s) contradicts the {what} dictionary stored in "
+                f"{where} ({len(own)} {what}s; {diff}); drop {key}: the checkpoint's own dictionary is used")
+    return Vocab(stored["token"], stored["answer"])
 
 
-def load_weights(model: torch.nn.Module, state: dict[str, Any], path: Path, model_use: str = "mcan") -> None:
-    """Load a checkpoint's state_dict strictly; size mismatches name the dictionary to pin.
+def load_weights(model: torch.nn.Module, state: dict[str, Any], path: Path, model_use: str = "mcan",
+                 cfg: Config | None = None) -> None:
+    """Load a checkpoint's state_dict strictly; size mismatches name the dictionary to pin, and
+    (given `cfg`, for a checkpoint that stores its config) the model keys that differ.
 
     mcan-vqa saves the weights of a multi-GPU run as `nn.DataParallel` does, every key prefixed
     with 'module.'; that prefix is removed.
@@ -115,13 +363,34 @@ def load_weights(model: torch.nn.Module, state: dict[str, Any], path: Path, mode
                            (spec.answer_param, "answer dictionary", "ANSWER_DICT_PATH")):
         got = weights.get(key)
         if got is not None and key in expected and tuple(got.shape)[:1] != expected[key][:1]:
+            pinned = getattr(cfg, pin, None) if cfg is not None else None
             raise CheckpointError(
-                f"{path}: {key} has {got.shape[0]} rows but the {what} has {expected[key][0]} entries; "
+                f"{path}: {key} has {got.shape[0]} rows but the {what} has {expected[key][0]} entries"
+                f"{f' ({pin} {pinned})' if pinned else ''}; "
                 f"pin the dictionary the checkpoint was trained with ({pin})")
     try:
         model.load_state_dict(weights, strict=True)
-    except RuntimeError as e:
-        detail = " ".join(line.strip() for line in str(e).splitlines()[:2])[:300]
+    except (RuntimeError, TypeError, AttributeError) as e:
+        from accuvqa.config import model_key_types
+
+        saved = state.get("config")
+        if cfg is not None and isinstance(saved, dict):
+            keys = [*model_key_types(model_use), "IMG_FEAT_SIZE", "WORD_EMBED_SIZE", "MODEL_USE"]
+            differ = [k for k in keys if k in saved and saved[k] != getattr(cfg, k, saved[k])]
+            if differ:
+                raise CheckpointError(
+                    f"{path} was trained with " + ", ".join(f"{k} {saved[k]}" for k in differ)
+                    + " but the config has " + ", ".join(f"{k} {getattr(cfg, k)}" for k in differ)
+                    + "; set " + " ".join(f"--{k} {saved[k]}" for k in differ) + " (the checkpoint's)") from e
+        missing = [k for k in expected if k not in weights]
+        unexpected = [k for k in weights if k not in expected]
+        shaped = [k for k in expected if k in weights and tuple(getattr(weights[k], "shape", ())) != expected[k]]
+        first_shape = list(getattr(weights[shaped[0]], "shape", ())) if shaped else None
+        parts = [f"{len(missing)} weights missing (first {missing[0]})" if missing else "",
+                 f"{len(unexpected)} unexpected (first {unexpected[0]})" if unexpected else "",
+                 f"{len(shaped)} of another shape (first {shaped[0]}: {first_shape} in the file, "
+                 f"{list(expected[shaped[0]])} in the model)" if shaped else ""]
+        detail = "; ".join(p for p in parts if p) or str(e).strip().splitlines()[0][:200]
         raise CheckpointError(f"{path} does not match the configured model ({model_use}): {detail}; "
                               f"check the model keys (LAYER, HIDDEN_SIZE, ...)") from e
 
@@ -144,7 +413,7 @@ def load_trained(cfg: Config, device: torch.device) -> tuple[torch.nn.Module, Vo
     (the run's last epoch, MAX_EPOCH, when no epoch is given)."""
     path = resolve_checkpoint(cfg, default_epoch=cfg.MAX_EPOCH)
     state = load_checkpoint(path)
-    vocab = checkpoint_vocab(cfg, state)
+    vocab = checkpoint_vocab(cfg, state, path)
     model = build_model(cfg, len(vocab.token_to_ix), len(vocab.ans_to_ix))
-    load_weights(model, state, path, cfg.MODEL_USE)
+    load_weights(model, state, path, cfg.MODEL_USE, cfg)
     return model.to(device), vocab, path, int(state.get("epoch", cfg.CKPT_EPOCH))

@@ -107,7 +107,8 @@ def train(cfg: Config) -> dict[str, Any]:
 
     # data
     train_records = load_records(cfg, cfg.TRAIN_SPLIT, need_answers=True)
-    vocab = checkpoint_vocab(cfg, resume) if resume and "token_to_ix" in resume else build_vocab(cfg, train_records)
+    vocab = (checkpoint_vocab(cfg, resume, resume_path) if resume and "token_to_ix" in resume
+             else build_vocab(cfg, train_records))
     train_set = make_dataset(cfg, train_records, vocab)
     eval_set = None
     if (cfg.EVAL_EVERY_EPOCH and "val" not in parse_splits(cfg.TRAIN_SPLIT)
@@ -174,6 +175,7 @@ def train(cfg: Config) -> dict[str, Any]:
                     path = _save(cfg, rt, step_checkpoint_path(cfg.CKPTS_PATH, cfg.run_version, pos.step),
                                  model, accumulator, vocab, mid, epoch)
                     if stopping:
+                        bar.close()
                         _stop(stop, path, pos.step, epoch)
             bar.close()
 
@@ -252,7 +254,7 @@ def main(cfg: Config, args: argparse.Namespace) -> int:
         "val accuracy": f"{s['val_accuracy']:.2f}%" if s["val_accuracy"] is not None else "not evaluated",
         "wall time": f"{s['wall_time_s']:.1f} s",
         "samples/s": f"{s['samples_per_s']:.0f}",
-        "updates": s["updates"],
+        "updates": f"{s['updates']} ({s['updates_run']} in this run)",
         "effective batch": s["effective_batch"],
         "checkpoint": s["checkpoint"],
     })

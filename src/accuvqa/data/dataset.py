@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Sequence
 
@@ -9,10 +10,26 @@ import numpy as np
 import torch
 
 from accuvqa.config import Config
-from accuvqa.data.features import feature_file, read_features
-from accuvqa.data.records import QuestionRecord
-from accuvqa.data.vocab import answer_targets, encode_question
+from accuvqa.data.features import feature_file, read_features, region_counts
+from accuvqa.data.records import FOLDERS, QuestionRecord
+from accuvqa.data.vocab import answer_targets, encode_tokens, tokenize
 from accuvqa.errors import DataError
+
+log = logging.getLogger(__name__)
+
+
+def _warn_cut(regions: np.ndarray, lengths: Sequence[int], cfg: Config, splits: str) -> None:
+    """One warning for images with more regions than IMG_FEAT_PAD_SIZE, one for questions longer
+    than MAX_TOKEN: both are cut, as mcan-vqa does, and a user should know."""
+    over = regions > cfg.IMG_FEAT_PAD_SIZE
+    if over.any():
+        log.warning("%d of %d %s images have more than IMG_FEAT_PAD_SIZE %d regions (up to %d); %d regions are "
+                    "dropped, as mcan-vqa does", int(over.sum()), len(regions), splits, cfg.IMG_FEAT_PAD_SIZE,
+                    int(regions.max()), int((regions[over] - cfg.IMG_FEAT_PAD_SIZE).sum()))
+    long = [n for n in lengths if n > cfg.MAX_TOKEN]
+    if long:
+        log.warning("%d of %d %s questions are longer than MAX_TOKEN %d tokens (up to %d); they are cut",
+                    len(long), len(lengths), splits, cfg.MAX_TOKEN, max(long))
 
 
 class VQADataset(torch.utils.data.Dataset):
@@ -29,18 +46,26 @@ class VQADataset(torch.utils.data.Dataset):
         self.n_answers = len(ans_to_ix)
         self.feat_size = cfg.IMG_FEAT_SIZE
         self.pad_size = cfg.IMG_FEAT_PAD_SIZE
-        self.ques_ix = np.stack([encode_question(r.question, token_to_ix, cfg.MAX_TOKEN)
-                                 for r in self.records]) if self.records else np.zeros((0, cfg.MAX_TOKEN), np.int64)
+        tokens = [tokenize(r.question) for r in self.records]
+        self.ques_ix = np.stack([encode_tokens(t, token_to_ix, cfg.MAX_TOKEN)
+                                 for t in tokens]) if self.records else np.zeros((0, cfg.MAX_TOKEN), np.int64)
         self.targets = [answer_targets(r.answers, ans_to_ix) if r.answers else [] for r in self.records]
-        missing = next((r for r in self.records if r.image_id not in features), None)
-        if missing is not None:
+        missing = [r for r in self.records if r.image_id not in features]
+        if missing:
+            first = missing[0]
+            images = {r.image_id for r in missing}
             raise DataError(
-                f"no feature file for image {missing.image_id} (question {missing.question_id}); "
-                f"expected {feature_file('FEATURE_PATH', missing.folder or 'train2014', missing.image_id)}"
-            )
+                f"no feature file for image {first.image_id} (question {first.question_id}): expected "
+                f"{feature_file(cfg.FEATURE_PATH, first.folder or 'train2014', first.image_id)}; "
+                f"{len(images)} image(s) of {len(missing)} question(s) lack one")
         self.image_ids = sorted({r.image_id for r in self.records})
         self.image_row = {iid: i for i, iid in enumerate(self.image_ids)}
         self.paths = [features[iid] for iid in self.image_ids]
+        # named at start, not mid-epoch: unreadable files, another feature size, what gets cut
+        self.regions = region_counts(self.paths, self.feat_size)
+        split_of = {folder: split for split, folder in FOLDERS.items()}
+        splits = "+".join(dict.fromkeys(split_of.get(r.folder, "vg") for r in self.records))
+        _warn_cut(self.regions, [len(t) for t in tokens], cfg, splits)
         self.packed: np.ndarray | None = None
         self.counts: np.ndarray | None = None
         if cfg.PRELOAD:

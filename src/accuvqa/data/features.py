@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import zipfile
+import zlib
 from pathlib import Path
 from typing import Sequence
 
@@ -27,7 +28,8 @@ def index_features(feature_path: str | Path, folders: Sequence[str]) -> dict[int
     for folder in folders:
         root = Path(feature_path) / folder
         if not root.is_dir():
-            raise DataError(f"missing feature folder {root}; {LAYOUT_HINT}")
+            why = (f" (FEATURE_PATH {feature_path} does not exist)" if not Path(feature_path).is_dir() else "")
+            raise DataError(f"missing feature folder {root}{why}; {LAYOUT_HINT}")
         prefix = f"COCO_{folder}_"
         with os.scandir(root) as entries:
             for entry in entries:
@@ -37,15 +39,61 @@ def index_features(feature_path: str | Path, folders: Sequence[str]) -> dict[int
     return index
 
 
+def _unreadable(path: Path, e: BaseException) -> DataError:
+    """The one-line error for a feature file that cannot be read, with the likely cause."""
+    if isinstance(e, KeyError):
+        why = "it holds no array 'x' (bottom-up attention features store x as (IMG_FEAT_SIZE, N))"
+    elif isinstance(e, zipfile.BadZipFile) and "CRC" in str(e):
+        why = f"it is corrupt ({e}); re-extract it"
+    elif isinstance(e, zipfile.BadZipFile):
+        why = "it is truncated or not an .npz file (an interrupted copy or extraction?); re-extract it"
+    else:
+        detail = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
+        why = f"it is corrupt or truncated ({type(e).__name__}{': ' + detail if detail else ''}); re-extract it"
+    return DataError(f"cannot read region features {path}: {why}")
+
+
+def _check_shape(path: Path, shape: tuple, feat_size: int) -> None:
+    if len(shape) != 2 or shape[0] != feat_size:
+        got = f"; these features have {shape[0]} (set IMG_FEAT_SIZE {shape[0]} if all do)" if len(shape) == 2 else ""
+        raise DataError(f"{path}: 'x' has shape {tuple(shape)}, expected ({feat_size}, N) with IMG_FEAT_SIZE "
+                        f"{feat_size}{got}")
+
+
+_READ_ERRORS = (OSError, ValueError, KeyError, zipfile.BadZipFile, EOFError, zlib.error, NotImplementedError)
+
+
 def read_features(path: Path, feat_size: int, pad_size: int) -> np.ndarray:
     """One image's region features as (N, D) float32, cut to `pad_size` regions (not padded)."""
     try:
         with np.load(path) as npz:
             x = npz["x"]
-    except (OSError, ValueError, KeyError, zipfile.BadZipFile, EOFError) as e:
-        raise DataError(f"cannot read region features {path}: {e or type(e).__name__}") from e
-    if x.ndim != 2 or x.shape[0] != feat_size:
-        raise DataError(
-            f"{path}: 'x' has shape {x.shape}, expected ({feat_size}, N) with IMG_FEAT_SIZE {feat_size}"
-        )
+    except _READ_ERRORS as e:
+        raise _unreadable(path, e) from e
+    _check_shape(path, x.shape, feat_size)
     return np.ascontiguousarray(x.T[:pad_size], dtype=np.float32)
+
+
+def feature_shape(path: Path) -> tuple[int, ...]:
+    """The shape of one file's `x`, read from the .npy header inside the zip: no feature is read."""
+    try:
+        with zipfile.ZipFile(path) as zf, zf.open("x.npy") as f:
+            version = np.lib.format.read_magic(f)
+            if version == (1, 0):
+                shape, _, _ = np.lib.format.read_array_header_1_0(f)
+            else:
+                shape, _, _ = np.lib.format.read_array_header_2_0(f)
+    except _READ_ERRORS as e:
+        raise _unreadable(path, e) from e
+    return tuple(shape)
+
+
+def region_counts(paths: Sequence[Path], feat_size: int) -> np.ndarray:
+    """Number of regions of each feature file, from headers only; DataError for the first file that
+    cannot be read or whose feature size is not `feat_size` (so bad files are named at start)."""
+    counts = np.zeros(len(paths), dtype=np.int64)
+    for i, path in enumerate(paths):
+        shape = feature_shape(path)
+        _check_shape(path, shape, feat_size)
+        counts[i] = shape[1]
+    return counts

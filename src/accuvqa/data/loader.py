@@ -1,7 +1,13 @@
-"""From records to batches: dataset assembly, the per-epoch batch order, the loader."""
+"""From records to batches: dataset assembly, the per-epoch batch order, the loader (and its workers)."""
 
 from __future__ import annotations
 
+import re
+import signal
+import threading
+import time
+import traceback
+from dataclasses import dataclass
 from typing import Any, Iterator, Sequence
 
 import numpy as np
@@ -12,6 +18,7 @@ from accuvqa.data.dataset import VQADataset
 from accuvqa.data.features import index_features
 from accuvqa.data.records import VG_FOLDERS, QuestionRecord
 from accuvqa.data.vocab import Vocab
+from accuvqa.errors import AccuvqaError, DataError
 
 
 def make_dataset(cfg: Config, records: Sequence[QuestionRecord], vocab: Vocab) -> VQADataset:
@@ -43,10 +50,216 @@ def eval_batches(n_samples: int, batch_size: int) -> list[np.ndarray]:
     return [order[i: i + batch_size] for i in range(0, n_samples, batch_size)]
 
 
-def batch_loader(dataset: VQADataset, batches: Sequence[np.ndarray], cfg: Config) -> Iterator[dict]:
-    """Iterate over collated batches, with worker processes when NUM_WORKERS > 0."""
+def batch_loader(dataset: VQADataset, batches: Sequence[np.ndarray], cfg: Config,
+                 seed: int | None = None) -> Iterator[dict]:
+    """Iterate over collated batches, with worker processes when NUM_WORKERS > 0.
+
+    With workers:
+    - their seeds come from `seed` (default SEED), not from the global torch RNG, so NUM_WORKERS does
+      not change the random numbers the training draws (dropout);
+    - a project error raised in a worker (a corrupt feature file) reaches the caller as itself: the
+      same type and one-line message as with NUM_WORKERS 0;
+    - a worker that dies (killed by a signal, or exits) is a DataError naming how it died, raised as
+      soon as the death is noticed (SIGCHLD, or torch's liveness check every 5 s), wherever the main
+      process is at that moment, so a death never hangs the run. There is no timeout on a batch: a
+      worker that is alive but slow (a slow or network disk) is waited for;
+    - stopping is the main process's decision: the workers ignore SIGINT (Ctrl-C reaches the whole
+      process group); a worker killed by SIGTERM / SIGINT (a scheduler stopping the group) is
+      reported when the next batch is asked for, not during an update, so a run stopping on that
+      signal can finish its update and save.
+    """
     if cfg.NUM_WORKERS == 0:
         return (dataset[b] for b in batches)
-    return iter(torch.utils.data.DataLoader(
-        dataset, sampler=batches, batch_size=None, num_workers=cfg.NUM_WORKERS,
-        pin_memory=cfg.PIN_MEM, persistent_workers=False))
+    loader = torch.utils.data.DataLoader(
+        _InWorker(dataset), sampler=batches, batch_size=None, num_workers=cfg.NUM_WORKERS,
+        pin_memory=cfg.PIN_MEM, persistent_workers=False, worker_init_fn=_worker_signals,
+        generator=torch.Generator().manual_seed(cfg.SEED if seed is None else seed))
+    return _from_workers(loader, len(batches))
+
+
+# ----------------------------------------------------------------------------- worker processes
+
+WORKER_HINT = "rerun with NUM_WORKERS 0 to see the error in the main process"
+
+
+class _RemoteTraceback(Exception):
+    """The traceback of an error in a worker, kept as the cause of the error the caller sees."""
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
+@dataclass(frozen=True)
+class _ErrorInWorker:
+    """A project error raised in a worker, sent to the main process as a value."""
+
+    kind: type
+    message: str
+    traceback: str
+
+    def exception(self) -> Exception:
+        try:
+            error = self.kind(self.message)
+        except Exception:  # a constructor with other arguments
+            error = DataError(self.message)
+        error.__cause__ = _RemoteTraceback(f"\n\"\"\"\nin a data-loading worker:\n{self.traceback}\"\"\"")
+        return error
+
+
+class _InWorker(torch.utils.data.Dataset):
+    """The dataset as the workers run it: a project error becomes a value (torch would re-raise it
+    with the worker's traceback in its message)."""
+
+    def __init__(self, dataset: Any) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, indices: Any) -> Any:
+        try:
+            return self.dataset[indices]
+        except AccuvqaError as e:
+            return _ErrorInWorker(type(e), str(e), "".join(traceback.format_exception(type(e), e, e.__traceback__)))
+
+
+def _worker_signals(worker_id: int) -> None:
+    """worker_init_fn: Ctrl-C (SIGINT to the whole process group) leaves the workers running.
+
+    SIGTERM keeps torch's worker handler: from the main process (ending the workers) a quiet exit,
+    from anyone else death by SIGTERM. Never ignore it: the main process, when it exits, ends its
+    workers with SIGTERM and waits for them.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+_DEATH = re.compile(r"DataLoader worker \(pids?(?:\(s\))? ([\d, ]+)\) (?:is killed by signal: ([^.]*)"
+                    r"|exited unexpectedly(?: with exit code (-?\d+))?)")
+_SIGNAL_NAMES = {signal.strsignal(s): s.name for s in signal.Signals if signal.strsignal(s)}
+_SIGNAL_HINTS = {"SIGKILL": " (SIGKILL: often the out-of-memory killer, see dmesg)",
+                 "SIGBUS": " (SIGBUS: often a full shared memory, /dev/shm)"}
+
+
+def _death(pid: Any, signal_name: str | None, code: int | None, at: str) -> DataError:
+    """The error of a worker that died: killed by a signal, or exited with `code` (None: unknown)."""
+    if signal_name is not None:
+        how, hint = f"was killed by signal {signal_name}", _SIGNAL_HINTS.get(signal_name, "")
+    else:
+        how, hint = (f"exited with code {code}" if code is not None else "exited unexpectedly"), ""
+    return DataError(f"a data-loading worker (pid {pid}) {how} {at}{hint}; {WORKER_HINT}")
+
+
+def _torch_death(error: BaseException) -> tuple[str, str | None, int | None] | None:
+    """(pids, signal name, exit code) from torch's RuntimeError about a dead worker (or one among its
+    causes); None when it is about something else."""
+    found = [m for m in (_DEATH.search(str(e)) for e in _chain(error) if isinstance(e, RuntimeError)) if m]
+    if not found:
+        return None
+    pids, killed_by, code = next((m for m in found if m.group(2) or m.group(3)), found[0]).groups()
+    name = _SIGNAL_NAMES.get(killed_by.strip(), killed_by.strip()) if killed_by is not None else None
+    return pids.strip(), name, int(code) if code is not None else None
+
+
+def _found_dead(it: Any, at: str, seconds: float) -> DataError | None:
+    """A worker of the DataLoader iterator `it` that is dead or dies within `seconds`, as a DataError."""
+    workers = getattr(it, "_workers", None) or []  # multiprocessing.Process objects (torch internals)
+    deadline = time.monotonic() + seconds
+    while workers:
+        for w in workers:
+            code = w.exitcode
+            if code is not None:
+                return _death(w.pid, signal.Signals(-code).name if code < 0 else None, code if code >= 0 else None, at)
+        if time.monotonic() >= deadline:
+            break
+        time.sleep(0.02)
+    return None
+
+
+def _from_workers(loader: torch.utils.data.DataLoader, n_batches: int) -> Iterator[dict]:
+    """The loader's batches; errors from its workers as project errors (see `batch_loader`)."""
+    done = 0
+    reported = False  # a death is reported once: the other workers' exits must not report it again
+    waiting = False  # in next(): no update under way
+    deferred: tuple | None = None  # a death by SIGTERM / SIGINT during an update
+    active = True  # False once this loader is finished: its handler, if still installed, passes through
+
+    def where() -> str:
+        return f"at batch {done + 1} of {n_batches}"
+
+    def on_sigchld(signum: int, frame: Any) -> None:
+        # torch's handler raises a RuntimeError wherever the main process is (in the model's forward,
+        # in the optimizer): the same news as a DataError, except after a stop signal (see batch_loader)
+        nonlocal reported, deferred
+        if not active:
+            return torch_handler(signum, frame)
+        try:
+            torch_handler(signum, frame)
+        except RuntimeError as e:
+            death = _torch_death(e)
+            if death is None:
+                raise
+            if reported:
+                return
+            if death[1] in ("SIGTERM", "SIGINT") and not waiting:
+                deferred = death
+                return
+            reported = True
+            raise _death(*death, where()) from None
+
+    it = iter(loader)  # starts the workers; torch sets its SIGCHLD handler (once per process)
+    torch_handler = signal.getsignal(signal.SIGCHLD) if hasattr(signal, "SIGCHLD") else None
+    ours = callable(torch_handler) and threading.current_thread() is threading.main_thread()
+    if ours:
+        signal.signal(signal.SIGCHLD, on_sigchld)
+    try:
+        while True:
+            if deferred is not None:
+                reported = True
+                raise _death(*deferred, where())
+            error, waiting = None, True
+            try:
+                batch = next(it)
+            except StopIteration:
+                return
+            except RuntimeError as e:  # torch noticed the death while waiting for a batch
+                death = _torch_death(e)
+                if death is None:
+                    raise
+                # on_sigchld's error, else the exit code torch's check collected, else torch's words
+                error = (next((c for c in _chain(e) if isinstance(c, DataError)), None)
+                         or _found_dead(it, where(), seconds=0.0) or _death(*death, where()))
+            except (OSError, EOFError):  # the connection to a worker broke: did it die?
+                try:
+                    error = _found_dead(it, where(), seconds=5.0)
+                except DataError as ours_first:  # on_sigchld was first
+                    error = ours_first
+                if error is None:
+                    raise
+            finally:
+                waiting = False
+            if error is not None:
+                reported = True
+                raise error  # outside the except clauses: the error does not keep torch's frames alive
+            if isinstance(batch, _ErrorInWorker):
+                raise batch.exception()
+            done += 1
+            yield batch
+    finally:
+        # stop the workers now, not when the garbage collector finds the iterator; a death among them
+        # was reported already
+        reported = True
+        shutdown = getattr(it, "_shutdown_workers", None)
+        if shutdown is not None:
+            shutdown()
+        active = False
+        if ours and signal.getsignal(signal.SIGCHLD) is on_sigchld:
+            signal.signal(signal.SIGCHLD, torch_handler)
+
+
+def _chain(error: BaseException | None) -> Iterator[BaseException]:
+    """`error` and its causes / contexts."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        yield error
+        error = error.__cause__ or error.__context__

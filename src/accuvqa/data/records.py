@@ -8,6 +8,7 @@ DATASET_PATH holds `v2_OpenEnded_mscoco_<folder>_questions.json` and
 
 from __future__ import annotations
 
+import difflib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,18 +47,39 @@ def parse_splits(spec: str) -> list[str]:
     parts = [p.strip() for p in spec.split("+") if p.strip()]
     bad = [p for p in parts if p not in SPLITS]
     if not parts or bad:
-        raise ConfigError(f"unknown split {spec!r}: use train, val, test, vg joined by '+', e.g. train+val")
+        name = repr(bad[0]) + (f" in {spec!r}" if spec.strip() != bad[0] else "") if bad else repr(spec)
+        close = difflib.get_close_matches(bad[0], SPLITS, n=1) if bad else []
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ConfigError(f"unknown split {name}{hint}: use train, val, test, vg joined by '+', e.g. train+val")
     return parts
 
 
 def _read_json(path: Path, what: str) -> Any:
     if not path.is_file():
-        raise DataError(f"missing {what} file {path}; {LAYOUT_HINT}")
+        folder = path.parent
+        why = (f" (the folder {folder} does not exist: check DATASET_PATH, or run `accuvqa prepare` "
+               f"for the bundled easy-VQA)" if not folder.is_dir() else "")
+        raise DataError(f"missing {what} file {path}{why}; {LAYOUT_HINT}")
     try:
-        with open(path) as f:
-            return json.load(f)
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as e:
+        raise DataError(f"cannot read {what} file {path}: {e.strerror}") from e
+    if not data.strip():
+        raise DataError(f"{what} file {path} is empty; expected the JSON of VQA v2 (an interrupted download?)")
+    try:
+        return json.loads(data)
     except (ValueError, UnicodeDecodeError) as e:
-        raise DataError(f"{path} is not valid JSON: {e}") from e
+        raise DataError(f"{what} file {path} is not valid JSON: {e}") from e
+
+
+def _json_list(data: Any, path: Path, key: str) -> list:
+    """`data[key]` when `data` is a JSON object holding a list of objects there; a DataError otherwise."""
+    items = data.get(key) if isinstance(data, dict) else None
+    if not isinstance(items, list) or not all(isinstance(item, dict) for item in items):
+        got = "" if isinstance(data, dict) else f", got a JSON {type(data).__name__}"
+        raise DataError(f"{path}: expected a JSON object with a {key!r} list of objects{got}")
+    return items
 
 
 @dataclass(frozen=True)
@@ -74,17 +96,25 @@ class QuestionRecord:
     multiple_choice_answer: str = ""
 
 
-def load_split(dataset_path: str | Path, split: str, need_answers: bool) -> list[QuestionRecord]:
-    """Questions of one split joined with their annotations (required when `need_answers`)."""
+def load_split(dataset_path: str | Path, split: str, need_answers: bool,
+               allow_empty: bool = False) -> list[QuestionRecord]:
+    """Questions of one split joined with their annotations (required when `need_answers`).
+
+    A split without questions is a DataError unless `allow_empty` (the token dictionary reads
+    every question file there is, used or not).
+    """
     qpath = question_file(dataset_path, split)
-    questions = _read_json(qpath, f"{split} question").get("questions")
-    if not isinstance(questions, list):
-        raise DataError(f"{qpath}: expected a JSON object with a 'questions' list")
+    questions = _json_list(_read_json(qpath, f"{split} question"), qpath, "questions")
+    if not questions and not allow_empty:
+        raise DataError(f"{qpath} holds no questions (its 'questions' list is empty): split {split} is empty")
     apath = annotation_file(dataset_path, split)
     annotations: dict[int, dict] = {}
     if need_answers or apath.is_file():
-        for ann in _read_json(apath, f"{split} annotation").get("annotations", []):
-            annotations[ann["question_id"]] = ann
+        try:
+            for ann in _json_list(_read_json(apath, f"{split} annotation"), apath, "annotations"):
+                annotations[ann["question_id"]] = ann
+        except (KeyError, TypeError) as e:
+            raise DataError(f"{apath}: an annotation lacks a usable 'question_id' ({e})") from e
     folder = FOLDERS.get(split, "")
     records = []
     for q in questions:
@@ -102,8 +132,9 @@ def load_split(dataset_path: str | Path, split: str, need_answers: bool) -> list
                 question_type=ann.get("question_type", "") if ann else "",
                 multiple_choice_answer=ann.get("multiple_choice_answer", "") if ann else "",
             ))
-        except KeyError as e:
-            raise DataError(f"{qpath}: a question or its annotation lacks the key {e}") from e
+        except (KeyError, TypeError, ValueError) as e:
+            raise DataError(f"{qpath}: question {q.get('question_id', '?')} or its annotation lacks the key {e} "
+                            f"or has a malformed value") from e
     return records
 
 

@@ -40,8 +40,13 @@ def build_token_dict(questions: Iterable[str]) -> dict[str, int]:
 
 def encode_question(question: str, token_to_ix: dict[str, int], max_token: int) -> np.ndarray:
     """Token ids of one question, zero-padded or cut to `max_token`."""
+    return encode_tokens(tokenize(question), token_to_ix, max_token)
+
+
+def encode_tokens(words: Sequence[str], token_to_ix: dict[str, int], max_token: int) -> np.ndarray:
+    """Token ids of a tokenized question, zero-padded or cut to `max_token`."""
     ids = np.zeros(max_token, dtype=np.int64)
-    for i, word in enumerate(tokenize(question)[:max_token]):
+    for i, word in enumerate(words[:max_token]):
         ids[i] = token_to_ix.get(word, UNK)
     return ids
 
@@ -75,11 +80,28 @@ def load_answer_dict(path: str | Path) -> tuple[dict[str, int], dict[str, str]]:
         ans_to_ix, ix_to_ans = json.loads(Path(path).read_text())
     except OSError as e:
         raise DataError(f"cannot read answer dictionary {path}: {e.strerror}") from e
-    except (ValueError, TypeError):
+    except (ValueError, TypeError) as e:
         raise DataError(
             f"{path} is not an answer dictionary: expected JSON [ans_to_ix, ix_to_ans]"
         ) from e
+    if not (isinstance(ans_to_ix, dict) and isinstance(ix_to_ans, dict)
+            and all(isinstance(i, int) for i in ans_to_ix.values())):
+        raise DataError(f"{path} is not an answer dictionary: expected JSON [ans_to_ix, ix_to_ans], "
+                        f"ans_to_ix mapping each answer to its index")
     return ans_to_ix, ix_to_ans
+
+
+def load_token_dict(path: str | Path) -> dict[str, int]:
+    """Read a token dictionary (JSON {token: id}), as TOKEN_DICT_PATH names it."""
+    try:
+        token_to_ix = json.loads(Path(path).read_text())
+    except OSError as e:
+        raise DataError(f"cannot read TOKEN_DICT_PATH {path}: {e.strerror}") from e
+    except (ValueError, UnicodeDecodeError) as e:
+        raise DataError(f"TOKEN_DICT_PATH {path} is not valid JSON: {e}") from e
+    if not isinstance(token_to_ix, dict) or not all(isinstance(i, int) for i in token_to_ix.values()):
+        raise DataError(f"TOKEN_DICT_PATH {path} is not a token dictionary: expected JSON {{token: id}}")
+    return token_to_ix
 
 
 def soft_score(matches: int) -> float:
@@ -120,17 +142,15 @@ def build_vocab(cfg: Config, train_records: Sequence[QuestionRecord]) -> Vocab:
     TOKEN_DICT_PATH / ANSWER_DICT_PATH pin either dictionary to a file instead.
     """
     if cfg.TOKEN_DICT_PATH:
-        try:
-            token_to_ix = json.loads(Path(cfg.TOKEN_DICT_PATH).read_text())
-        except (OSError, ValueError) as e:
-            raise DataError(f"cannot read TOKEN_DICT_PATH {cfg.TOKEN_DICT_PATH}: {e}") from e
+        token_to_ix = load_token_dict(cfg.TOKEN_DICT_PATH)
     else:
         questions: list[str] = []
         # mcan-vqa reads all four question files whatever TRAIN_SPLIT is, so an original checkpoint
         # trained on train+val+vg fits a val/test run configured with TRAIN_SPLIT train.
         for split in ("train", "val", "test", "vg"):
             if question_file(cfg.DATASET_PATH, split).is_file():
-                questions += [r.question for r in load_split(cfg.DATASET_PATH, split, need_answers=False)]
+                questions += [r.question for r in load_split(cfg.DATASET_PATH, split, need_answers=False,
+                                                                   allow_empty=True)]
         token_to_ix = build_token_dict(questions)
     if cfg.ANSWER_DICT_PATH:
         ans_to_ix, _ = load_answer_dict(cfg.ANSWER_DICT_PATH)
