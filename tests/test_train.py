@@ -78,10 +78,11 @@ def test_a_resumed_run_ends_with_the_same_weights_as_an_uninterrupted_one(easyvq
     cfg = load_config(ROOT / "configs/easyvqa.yml", {**base, "VERSION": "whole"})
     train(cfg)
     train(cfg.replace(VERSION="part", MAX_EPOCH=1))  # "killed" after its first epoch
-    train(cfg.replace(VERSION="part", RESUME=True, CKPT_EPOCH=1))
+    summary = train(cfg.replace(VERSION="part", RESUME=True, CKPT_EPOCH=1))
     whole = load_checkpoint(tmp_path / "ck/ckpt_whole/epoch2.pkl")
     resumed = load_checkpoint(tmp_path / "ck/ckpt_part/epoch2.pkl")
-    assert whole["step"] == resumed["step"]
+    assert whole["step"] == resumed["step"] == summary["updates"]
+    assert summary["updates_run"] == whole["step"] // 2  # the second epoch only: it did resume
     for key, value in whole["state_dict"].items():
         assert torch.equal(value, resumed["state_dict"][key]), key
 
