@@ -9,7 +9,7 @@ from accuvqa.config import Config
 
 
 def main(cfg: Config, args: argparse.Namespace) -> int:
-    """DATASET easyvqa: write it; DATASET vqa: validate the tree. Print a summary table."""
+    """DATASET easyvqa: write it; DATASET vqa: validate the tree and pack its features. Print a summary."""
     from accuvqa.cli import print_table
 
     if cfg.DATASET != "easyvqa":
@@ -24,6 +24,7 @@ def main(cfg: Config, args: argparse.Namespace) -> int:
             for split, v in summary["splits"].items()})
         for note in summary["notes"]:
             print(f"note: {note}")
+        _pack(cfg, sorted({f for v in summary["splits"].values() for f in v["feature_folders"]}))
         return 0
     from tqdm import tqdm
 
@@ -34,3 +35,22 @@ def main(cfg: Config, args: argparse.Namespace) -> int:
     print_table(f"easy-VQA written to {cfg.DATASET_PATH} and {cfg.FEATURE_PATH}", {
         split: f"{v['questions']} questions, {v['images']} images" for split, v in summary.items()})
     return 0
+
+
+def _pack(cfg: Config, folders: list[str]) -> None:
+    """Pack each feature folder into its memory-mapped store (kept when current, resumed when interrupted)."""
+    from pathlib import Path
+
+    from tqdm import tqdm
+
+    from accuvqa.cli import print_table
+    from accuvqa.data.store import pack_folder
+
+    rows = {}
+    for folder in folders:
+        name = Path(folder).name
+        store = pack_folder(cfg.FEATURE_PATH, name, cfg.IMG_FEAT_SIZE, progress=lambda items, desc: tqdm(
+            items, desc=desc, file=sys.stderr, disable=not cfg.VERBOSE, mininterval=1.0))
+        size = sum(p.stat().st_size for p in store.iterdir())
+        rows[name] = f"{store} ({size / 2**20:.1f} MiB)"
+    print_table("packed feature stores (read by train, val, test and predict)", rows)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
 import torch
@@ -12,6 +12,7 @@ import torch
 from accuvqa.config import Config
 from accuvqa.data.features import feature_file, read_features, region_counts
 from accuvqa.data.records import FOLDERS, QuestionRecord
+from accuvqa.data.store import PackedFeatures
 from accuvqa.data.vocab import answer_targets, encode_tokens, tokenize
 from accuvqa.errors import DataError
 
@@ -41,7 +42,7 @@ class VQADataset(torch.utils.data.Dataset):
     """
 
     def __init__(self, cfg: Config, records: Sequence[QuestionRecord], token_to_ix: dict[str, int],
-                 ans_to_ix: dict[str, int], features: dict[int, Path]) -> None:
+                 ans_to_ix: dict[str, int], features: Mapping[int, Path | PackedFeatures]) -> None:
         self.records = list(records)
         self.n_answers = len(ans_to_ix)
         self.feat_size = cfg.IMG_FEAT_SIZE
@@ -60,20 +61,23 @@ class VQADataset(torch.utils.data.Dataset):
                 f"{len(images)} image(s) of {len(missing)} question(s) lack one")
         self.image_ids = sorted({r.image_id for r in self.records})
         self.image_row = {iid: i for i, iid in enumerate(self.image_ids)}
+        # each image's feature file, or its folder's packed store (accuvqa prepare writes one)
         self.paths = [features[iid] for iid in self.image_ids]
+        self.packed_store = bool(self.paths) and isinstance(self.paths[0], PackedFeatures)
         # named at start, not mid-epoch: unreadable files, another feature size, what gets cut
-        self.regions = region_counts(self.paths, self.feat_size)
+        self.regions = (np.array([s.count(i) for s, i in zip(self.paths, self.image_ids)], dtype=np.int64)
+                        if self.packed_store else region_counts(self.paths, self.feat_size))
         split_of = {folder: split for split, folder in FOLDERS.items()}
         splits = "+".join(dict.fromkeys(split_of.get(r.folder, "vg") for r in self.records))
         _warn_cut(self.regions, [len(t) for t in tokens], cfg, splits)
         self.packed: np.ndarray | None = None
         self.counts: np.ndarray | None = None
-        if cfg.PRELOAD:
+        if cfg.PRELOAD and not self.packed_store:  # a packed store is preloaded by the OS page cache
             self.preload()
 
     def preload(self) -> None:
         """Read every image's features once into one packed array (N_images, max N, D)."""
-        feats = [read_features(p, self.feat_size, self.pad_size) for p in self.paths]
+        feats = [self._read(row) for row in range(len(self.paths))]
         n_max = max((f.shape[0] for f in feats), default=0)
         self.packed = np.zeros((len(feats), n_max, self.feat_size), dtype=np.float32)
         self.counts = np.array([f.shape[0] for f in feats], dtype=np.int64)
@@ -83,12 +87,18 @@ class VQADataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.records)
 
+    def _read(self, row: int) -> np.ndarray:
+        """(N, D) regions of the image at `row`, cut to IMG_FEAT_PAD_SIZE."""
+        if self.packed_store:
+            return self.paths[row].read(self.image_ids[row], self.pad_size)
+        return read_features(self.paths[row], self.feat_size, self.pad_size)
+
     def image_features(self, rows: Sequence[int]) -> np.ndarray:
         """(B, N, D) features of the given image rows, zero-padded to the longest."""
         if self.packed is not None:
             n = int(self.counts[rows].max()) if len(rows) else 0
             return self.packed[rows, :n]
-        feats = [read_features(self.paths[r], self.feat_size, self.pad_size) for r in rows]
+        feats = [self._read(r) for r in rows]
         n = max(f.shape[0] for f in feats)
         out = np.zeros((len(feats), n, self.feat_size), dtype=np.float32)
         for i, f in enumerate(feats):

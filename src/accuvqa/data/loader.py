@@ -17,16 +17,19 @@ from accuvqa.config import Config
 from accuvqa.data.dataset import VQADataset
 from accuvqa.data.features import index_features
 from accuvqa.data.records import VG_FOLDERS, QuestionRecord
+from accuvqa.data.store import open_stores
 from accuvqa.data.vocab import Vocab
 from accuvqa.errors import AccuvqaError, DataError
 
 
 def make_dataset(cfg: Config, records: Sequence[QuestionRecord], vocab: Vocab) -> VQADataset:
-    """A dataset over `records` whose features come from the folders those splits use."""
+    """A dataset over `records` whose features come from the folders those splits use: their packed
+    stores when every folder has a current one, the per-image `.npz` files otherwise."""
     folders = {r.folder for r in records if r.folder}
     if not folders or any(not r.folder for r in records):
         folders |= set(VG_FOLDERS)
-    features = index_features(cfg.FEATURE_PATH, sorted(folders))
+    files = index_features(cfg.FEATURE_PATH, sorted(folders))
+    features = open_stores(cfg.FEATURE_PATH, sorted(folders), cfg.IMG_FEAT_SIZE) or files
     return VQADataset(cfg, records, vocab.token_to_ix, vocab.ans_to_ix, features)
 
 
