@@ -62,6 +62,12 @@ def _weights(path: Path) -> dict:
     return load_checkpoint(path)["state_dict"]
 
 
+def _assert_same_weights(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    different = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not different, f"{len(different)} tensors differ, e.g. {different[:3]}"
+
+
 @pytest.fixture(scope="module")
 def uninterrupted(easyvqa_slice, tmp_path_factory) -> dict:
     """Final weights of the same run, never interrupted, for NUM_WORKERS 0 and 2."""
@@ -71,14 +77,8 @@ def uninterrupted(easyvqa_slice, tmp_path_factory) -> dict:
         r = run_cli(*_run_args(easyvqa_slice, root, "whole", workers), cwd=root)
         assert r.returncode == 0, r.stderr[-2000:]
         out[workers] = _weights(root / "ck/ckpt_whole/epoch2.pkl")
-    assert any(not torch.equal(out[0][k], out[2][k]) for k in out[0]) is False  # workers change nothing
+    _assert_same_weights(out[0], out[2])  # worker processes change nothing, dropout included
     return out
-
-
-def _assert_same_weights(a: dict, b: dict) -> None:
-    assert a.keys() == b.keys()
-    different = [k for k in a if not torch.equal(a[k], b[k])]
-    assert not different, f"{len(different)} tensors differ, e.g. {different[:3]}"
 
 
 @pytest.mark.slow
