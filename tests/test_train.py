@@ -1,6 +1,5 @@
 """Training through `train()`: MCAN's schedule, GRAD_ACCU_STEPS invariance, resume, AMP, the optimizer, faults."""
 
-
 import numpy as np
 import pytest
 import torch
