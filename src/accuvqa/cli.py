@@ -41,6 +41,10 @@ COMMANDS: dict[str, Command] = {
                      "on this model"),
     "plot": Command("accuvqa.plot:main", "plot accuracy and loss per epoch of a run "
                     "(<RESULT_PATH>/<VERSION>/metrics.png)"),
+    "serve": Command("accuvqa.serve:main", "ask a trained model about an image in the browser "
+                     "(needs pip install 'accuvqa[demo]')", (
+        ("--host", {"default": "127.0.0.1", "help": "address to serve on (default 127.0.0.1)"}),
+        ("--port", {"type": int, "default": 7860, "help": "port to serve on (default 7860)"}))),
 }
 
 

@@ -1,0 +1,270 @@
+"""`accuvqa serve`: a page in the browser to ask a trained model about an image and see where it looked.
+
+The page is made with Gradio (the optional extra `accuvqa[demo]`) and works offline: analytics are
+off and every script, style and font comes from the server itself. The model is loaded once, when
+the server starts; each question is answered by `Page.ask`, which needs no Gradio and turns every
+user error (not an image, no question, features of the wrong size) into a message on the page.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from accuvqa.config import Config
+from accuvqa.data.features import feature_file
+from accuvqa.data.records import FOLDERS, question_file
+from accuvqa.errors import AccuvqaError, ConfigError, DataError
+
+log = logging.getLogger(__name__)
+
+MAX_UPLOAD = "10mb"  # larger uploads are refused by the server before they reach the model
+MAX_IMAGE_PIXELS = 40_000_000  # an upload that decodes to more pixels is refused (a 10 MB PNG can hold 10^9)
+TOP_K = 5
+DATASET_IMAGES = 200  # how many of the dataset's images the picker lists
+EXAMPLES = 4  # (image, question) pairs from the data, one click away
+INSTALL_HINT = "accuvqa serve needs Gradio: pip install 'accuvqa[demo]'"
+
+
+@dataclass(frozen=True)
+class DatasetImage:
+    """One image of the prepared data: its region features, its picture if there is one, its questions."""
+
+    name: str
+    features: Path
+    image_file: Path | None
+    questions: tuple[str, ...]
+
+
+@dataclass
+class Reply:
+    """What the page shows after Ask: answer -> score (best first), the attention picture, a message."""
+
+    answers: dict[str, float] = field(default_factory=dict)
+    picture: Any = None  # PIL.Image.Image
+    message: str = ""
+
+
+def _easyvqa_image_files(folder: str) -> dict[int, str]:
+    """image id -> PNG of the bundled dataset for one feature folder ({} without the easy-vqa package)."""
+    try:
+        import easy_vqa
+    except ImportError:
+        return {}
+    return easy_vqa.get_test_image_paths() if folder == FOLDERS["test"] else easy_vqa.get_train_image_paths()
+
+
+def dataset_images(cfg: Config, limit: int = DATASET_IMAGES) -> list[DatasetImage]:
+    """The first `limit` images (by id) of the val split (else test, else train) that have features."""
+    for split in ("val", "test", "train"):
+        path = question_file(cfg.DATASET_PATH, split)
+        if not path.is_file():
+            continue
+        try:
+            questions = json.loads(path.read_text())["questions"]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            log.warning("no dataset images on the page: cannot read %s (%s)", path, e)
+            return []
+        by_image: dict[int, list[str]] = {}
+        for q in questions:
+            by_image.setdefault(int(q["image_id"]), []).append(str(q["question"]))
+        folder = FOLDERS[split]
+        pictures = _easyvqa_image_files(folder) if cfg.DATASET == "easyvqa" else {}
+        images = []
+        for image_id in sorted(by_image):
+            features = feature_file(cfg.FEATURE_PATH, folder, image_id)
+            if features.is_file():
+                picture = pictures.get(image_id)
+                images.append(DatasetImage(f"{split} image {image_id}", features, Path(picture) if picture else None,
+                                           tuple(by_image[image_id])))
+            if len(images) == limit:
+                break
+        return images
+    log.warning("no dataset images on the page: no question file in DATASET_PATH %s", cfg.DATASET_PATH)
+    return []
+
+
+def examples(images: list[DatasetImage], n: int = EXAMPLES) -> list[list[str]]:
+    """[[image name, question], ...]: n of the dataset's images, each with a different one of its questions."""
+    return [[image.name, image.questions[i % len(image.questions)]] for i, image in enumerate(images[:n])]
+
+
+def check_image(path: Path) -> None:
+    """DataError unless `path` is an image Pillow can read, of at most MAX_IMAGE_PIXELS pixels."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as image:
+            width, height = image.size
+    except (UnidentifiedImageError, OSError) as e:
+        raise DataError(f"{path.name} is not an image that can be read (PNG or JPEG expected)") from e
+    if width * height > MAX_IMAGE_PIXELS:
+        raise DataError(f"{path.name} is {width}x{height} pixels, more than the {MAX_IMAGE_PIXELS:,} this page "
+                        f"accepts: make it smaller")
+
+
+class Page:
+    """The model, loaded once, and the dataset images the page offers; `ask` answers one question."""
+
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
+        self.predictor = _Stopgap(cfg)
+        self.images = dataset_images(cfg)
+        self.by_name = {image.name: image for image in self.images}
+
+    def ask(self, image: str | None, features: str | None, picked: str | None, question: str | None) -> Reply:
+        """Answer `question` about an uploaded image and/or features file, else about a dataset image."""
+        uploads = [Path(p) for p in (image, features) if p]
+        try:
+            return self._ask(Path(image) if image else None, Path(features) if features else None, picked,
+                             (question or "").strip())
+        except AccuvqaError as e:
+            message = str(e)
+            for path in uploads:  # name an upload as the user did, not by the server's temporary copy
+                message = message.replace(str(path), path.name)
+            return Reply(message=f"**Error:** {message}")
+
+    def _ask(self, image: Path | None, features: Path | None, picked: str | None, question: str) -> Reply:
+        if not question:
+            raise DataError("type a question, then press Ask")
+        if image is None and features is None:
+            if not picked:
+                raise DataError("upload an image (or its region features .npz), or pick one of the dataset's images")
+            if picked not in self.by_name:
+                raise DataError(f"{picked!r} is not one of the dataset's images")
+            chosen = self.by_name[picked]
+            image, features, source = chosen.image_file, chosen.features, chosen.name
+        else:
+            source = " + ".join(p.name for p in (image, features) if p)
+        if image is not None:
+            check_image(image)
+        if features is None and self.cfg.DATASET != "easyvqa":
+            raise DataError("with the VQA v2 layout the model reads region features: upload the image's "
+                            "features .npz as well, or pick one of the dataset's images")
+        reads = features if features is not None else image
+        feats = self.predictor.features(reads)
+        boxes = self.predictor.boxes(reads)
+        answer = self.predictor.answer(feats, question, top_k=TOP_K, boxes=boxes)
+        picture = self.predictor.draw(answer, image_file=image, boxes=boxes)
+        return Reply(dict(answer.answers), picture, f"Answered from {source}: {feats.shape[0]} regions.")
+
+
+class _Stopgap:
+    """Answers with the model loaded once; the picture is the image itself (no attention yet)."""
+
+    def __init__(self, cfg: Config) -> None:
+        import torch
+
+        from accuvqa.checkpoint import load_trained
+        from accuvqa.runtime import setup_runtime
+
+        self.cfg, self.torch = cfg, torch
+        self.device = setup_runtime(cfg).device
+        self.model, self.vocab, _, _ = load_trained(cfg, self.device)
+        self.model.eval()
+
+    def features(self, image):
+        from accuvqa.predict import image_region_features
+
+        return image_region_features(self.cfg, image)
+
+    def boxes(self, image):
+        return None
+
+    def answer(self, feats, question, top_k=5, boxes=None):
+        from types import SimpleNamespace
+
+        from accuvqa.data.vocab import encode_question
+        from accuvqa.models import model_inputs
+
+        torch = self.torch
+        batch = {"img_feat": torch.from_numpy(np.ascontiguousarray(feats, dtype=np.float32))[None].to(self.device),
+                 "ques_ix": torch.from_numpy(encode_question(question, self.vocab.token_to_ix, self.cfg.MAX_TOKEN))[None]
+                 .to(self.device)}
+        with torch.no_grad():
+            scores = torch.sigmoid(self.model(*model_inputs(self.cfg, batch))[0]).cpu()
+        top = torch.topk(scores, min(top_k, scores.numel()))
+        return SimpleNamespace(answers=[(self.vocab.ix_to_ans[i], float(s))
+                                        for s, i in zip(top.values.tolist(), top.indices.tolist())])
+
+    def draw(self, answer, out=None, *, image_file=None, boxes=None, image_size=None, layers=False):
+        from PIL import Image
+
+        return Image.open(image_file).convert("RGB") if image_file else None
+
+
+def import_gradio() -> Any:
+    """The gradio module, imported with analytics off; ConfigError naming the extra when it is missing."""
+    os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"  # read at import: no usage reports, no version check
+    try:
+        import gradio
+    except ImportError:
+        raise ConfigError(INSTALL_HINT) from None
+    return gradio
+
+
+def build_page(page: Page, gr: Any) -> Any:
+    """The Gradio Blocks of the page: inputs and Ask on the left, answers and the picture on the right."""
+    cfg = page.cfg
+    vqa_layout = cfg.DATASET != "easyvqa"
+
+    def ask(image, features, picked, question):
+        reply = page.ask(image, features, picked, question)
+        return reply.answers or None, reply.picture, reply.message
+
+    def ask_example(picked, question):  # an example is a dataset image: uploads are cleared
+        return (None, None, *ask(None, None, picked, question))
+
+    with gr.Blocks(title="accuvqa", analytics_enabled=False) as blocks:
+        gr.Markdown(f"## accuvqa: ask the model `{cfg.VERSION}` about an image\n"
+                    + ("Upload an image with its region features (`.npz`), or pick one of the dataset's images."
+                       if vqa_layout else "Upload a PNG or JPEG image (or its features `.npz`), or pick one of the "
+                       "dataset's images."))
+        with gr.Row():
+            with gr.Column():
+                image = gr.File(label="Image (PNG or JPEG)", file_types=[".png", ".jpg", ".jpeg"],
+                                type="filepath", elem_id="image")
+                features = gr.File(label="Region features (.npz)" + ("" if vqa_layout else ", instead of the image"),
+                                   file_types=[".npz"], type="filepath", elem_id="features")
+                picked = gr.Dropdown([i.name for i in page.images], value=None, label="…or one of the dataset's images",
+                                     elem_id="picked")
+                question = gr.Textbox(label="Question", placeholder="what color is the shape?", elem_id="question")
+                button = gr.Button("Ask", variant="primary", elem_id="ask")
+            with gr.Column():
+                message = gr.Markdown(elem_id="message")
+                answers = gr.Label(label=f"Top-{TOP_K} answers", num_top_classes=TOP_K, elem_id="answers")
+                picture = gr.Image(label="Where the model looked", type="pil", format="png", interactive=False,
+                                   elem_id="picture")
+        if page.images:
+            gr.Examples(examples(page.images), inputs=[picked, question], outputs=[image, features, answers, picture,
+                        message], fn=ask_example, run_on_click=True, cache_examples=False, label="Examples from the data")
+        for trigger in (button.click, question.submit):
+            trigger(ask, [image, features, picked, question], [answers, picture, message])
+    return blocks
+
+
+def main(cfg: Config, args: argparse.Namespace) -> int:
+    """Load the model, serve the page on --host:--port until interrupted."""
+    from accuvqa.cli import print_table
+
+    gr = import_gradio()
+    page = Page(cfg)
+    blocks = build_page(page, gr)
+    url = f"http://{args.host}:{args.port}"
+    print_table("accuvqa serve", {"model": f"{cfg.VERSION} ({cfg.MODEL_USE})", "dataset images": len(page.images),
+                                  "url": url})
+    try:
+        blocks.launch(server_name=args.host, server_port=args.port, max_file_size=MAX_UPLOAD, ssr_mode=False,
+                      share=False, quiet=True, footer_links=["settings"], show_error=False)
+    except OSError as e:
+        raise ConfigError(f"cannot serve on {args.host}:{args.port} ({e}); pick another --port") from e
+    except KeyboardInterrupt:
+        blocks.close()
+    return 0
