@@ -57,6 +57,14 @@ def read_image(path: str | Path) -> np.ndarray:
         raise DataError(f"--image-file: {e}") from e
 
 
+def check_picture_path(out: str | Path) -> None:
+    """ConfigError / DataError unless `out` names a .png file in an existing folder."""
+    if Path(out).suffix.lower() != ".png":
+        raise ConfigError(f"--attention {out}: the picture is a PNG file, name it OUT.png")
+    if not Path(out).parent.is_dir():
+        raise DataError(f"--attention {out}: folder {Path(out).parent} does not exist")
+
+
 def region_heat(boxes: np.ndarray, weights: np.ndarray, width: int, height: int) -> np.ndarray:
     """(height, width) map: at each pixel, the summed weight of the regions whose box covers it."""
     heat = np.zeros((height, width), dtype=np.float64)
@@ -68,7 +76,7 @@ def region_heat(boxes: np.ndarray, weights: np.ndarray, width: int, height: int)
     return heat
 
 
-def _image_and_boxes(answer: Answer, image_file: str | Path | None, boxes: np.ndarray | None,
+def picture_and_boxes(answer: Answer, image_file: str | Path | None, boxes: np.ndarray | None,
                      image_size: tuple[int, int] | None) -> tuple[np.ndarray | None, np.ndarray | None]:
     """The picture to draw on (the image, or a blank canvas) and the boxes in its pixels."""
     boxes = answer.boxes if boxes is None else boxes
@@ -184,11 +192,9 @@ def draw_attention(answer: Answer, out: str | Path | None = None, *, image_file:
 
     if answer.region_weights is None:
         raise ConfigError("this answer holds no attention maps: the model does not expose attention maps")
-    if out is not None and Path(out).suffix.lower() != ".png":
-        raise ConfigError(f"--attention {out}: the picture is a PNG file, name it OUT.png")
-    if out is not None and not Path(out).parent.is_dir():
-        raise DataError(f"--attention {out}: folder {Path(out).parent} does not exist")
-    rgb, boxes = _image_and_boxes(answer, image_file, boxes, image_size)
+    if out is not None:
+        check_picture_path(out)
+    rgb, boxes = picture_and_boxes(answer, image_file, boxes, image_size)
     layer_rows = sum(_n_layers(answer, prefix) for prefix, *_ in LAYER_KINDS) if layers else 0
     heads = answer.maps[f"{LAYER_KINDS[0][0]}/1"].shape[0] if layers else 0
     width = max(SUMMARY_SIZE[0], 1.6 * heads)

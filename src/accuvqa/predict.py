@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from accuvqa.attention import draw_attention, exposes_attention, read_image, require_attention
+from accuvqa.attention import check_picture_path, draw_attention, exposes_attention, read_image, require_attention
 from accuvqa.checkpoint import load_trained
 from accuvqa.config import Config
 from accuvqa.data.features import _READ_ERRORS, read_features
@@ -173,6 +173,8 @@ def main(cfg: Config, args: argparse.Namespace) -> int:
     out, image_file = getattr(args, "attention", None), getattr(args, "image_file", None)
     if out is None and (getattr(args, "attention_layers", False) or image_file):
         raise ConfigError("--attention-layers and --image-file go with --attention OUT.png")
+    if out is not None:
+        check_picture_path(out)
     feats = image_region_features(cfg, args.image)
     if image_file is not None:
         read_image(image_file)  # a bad --image-file is named before the model is loaded
