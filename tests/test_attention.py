@@ -51,14 +51,20 @@ def reference_softmax(scores: torch.Tensor, mask: torch.Tensor, dim: int) -> tor
     return e / e.sum(dim=dim, keepdim=True)
 
 
-def test_kept_maps_leave_mcan_output_unchanged():
+def test_kept_maps_leave_mcan_output_unchanged(monkeypatch):
     model = tiny_mcan()
     img, ques = padded_inputs()
+    sdpa_calls = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention",
+                        lambda *a, **k: sdpa_calls.append(1) or sdpa(*a, **k))
     with torch.no_grad():
         plain = model(img, ques)
-        assert model.backbone.enc_list[0].mhatt.kept_map is None  # the default path keeps nothing (SDPA)
+        assert len(sdpa_calls) == 3 * 2  # by default (training too) every attention is SDPA's, nothing kept
+        assert model.backbone.enc_list[0].mhatt.kept_map is None
         model.keep_attention(True)
         kept = model(img, ques)
+        assert len(sdpa_calls) == 3 * 2
         model.keep_attention(False)
         again = model(img, ques)
     torch.testing.assert_close(kept, plain, rtol=1e-5, atol=1e-6)
