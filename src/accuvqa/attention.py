@@ -26,7 +26,7 @@ if TYPE_CHECKING:
 DPI = 100
 SUMMARY_SIZE = (12.0, 4.5)  # inches: image | answers | question words; 1200 x 450 pixels at DPI
 LAYER_ROW_HEIGHT = 2.1  # inches per row of per-head maps
-MAX_TICK_LABELS = 40  # more regions than this: no per-region tick labels
+MAX_TICK_LABELS = 16  # more regions than this: no per-region tick labels
 # (map name prefix, row label, query axis, key axis)
 LAYER_KINDS = (("question_self", "SA {i}: words -> words", "question", "question"),
                ("image_question", "SGA {i}: regions -> words", "image", "question"),
@@ -122,7 +122,7 @@ def _draw_regions(ax: Any, rgb: np.ndarray | None, boxes: np.ndarray | None, wei
     ax.set_ylim(height, 0)
     ax.set_xticks([])
     ax.set_yticks([])
-    ax.set_title("attention over regions" + (" (blank canvas: pass --image-file)" if blank else ""), fontsize=10)
+    ax.set_title("attention over regions" + ("\n(blank canvas: no --image-file)" if blank else ""), fontsize=10)
 
 
 def _draw_answers(ax: Any, answers: list[tuple[str, float]]) -> None:
@@ -156,17 +156,25 @@ def _draw_layers(fig: Any, grid: Any, answer: Answer) -> None:
     rows = [(name.format(i=i), f"{prefix}/{i}", q_kind, k_kind)
             for prefix, name, q_kind, k_kind in LAYER_KINDS for i in range(1, _n_layers(answer, prefix) + 1)]
     heads = answer.maps[rows[0][1]].shape[0]
-    cells = grid.subgridspec(len(rows), heads, hspace=0.6, wspace=0.35)
+    from matplotlib.colors import PowerNorm
+
+    scale = PowerNorm(0.5, vmin=0, vmax=1)  # one scale for every map; square root so small weights show
+    height = fig.get_figheight()
+    cells = grid.subgridspec(len(rows), heads, hspace=1.0, wspace=0.35)
     for row, (label, key, q_kind, k_kind) in enumerate(rows):
         for head in range(heads):
             ax = fig.add_subplot(cells[row, head])
-            image = ax.imshow(answer.maps[key][head], cmap="viridis", vmin=0, vmax=1, aspect="auto",
+            if head == 0:
+                box = ax.get_position()
+                fig.text(box.x0 - 0.6 / fig.get_figwidth(), box.y1 + 0.3 / height, label, fontsize=9,
+                         fontweight="bold")
+            image = ax.imshow(answer.maps[key][head], cmap="viridis", norm=scale, aspect="auto",
                               interpolation="nearest")
-            q_labels, k_labels = _axis_labels(q_kind, answer.tokens, n_regions), _axis_labels(k_kind, answer.tokens,
-                                                                                              n_regions)
+            q_labels = _axis_labels(q_kind, answer.tokens, n_regions)
+            k_labels = _axis_labels(k_kind, answer.tokens, n_regions)
             ax.set_xticks(range(len(k_labels)), k_labels, rotation=90, fontsize=6)
             ax.set_yticks(range(len(q_labels)), q_labels if head == 0 else [""] * len(q_labels), fontsize=6)
-            ax.set_title(f"{label}, head {head + 1}", fontsize=7)
+            ax.set_title(f"head {head + 1}", fontsize=7)
     fig.colorbar(image, ax=fig.axes[-heads * len(rows):], fraction=0.02, pad=0.02, label="attention weight")
 
 
@@ -197,19 +205,19 @@ def draw_attention(answer: Answer, out: str | Path | None = None, *, image_file:
     rgb, boxes = picture_and_boxes(answer, image_file, boxes, image_size)
     layer_rows = sum(_n_layers(answer, prefix) for prefix, *_ in LAYER_KINDS) if layers else 0
     heads = answer.maps[f"{LAYER_KINDS[0][0]}/1"].shape[0] if layers else 0
-    width = max(SUMMARY_SIZE[0], 1.6 * heads)
+    width = max(SUMMARY_SIZE[0], 1.9 * heads)
     height = SUMMARY_SIZE[1] + LAYER_ROW_HEIGHT * layer_rows
     fig = plt.figure(figsize=(width, height), dpi=DPI)
     try:
-        outer = fig.add_gridspec(2 if layers else 1, 1, top=1 - 0.75 / height, bottom=0.85 / height,
-                                 height_ratios=[SUMMARY_SIZE[1] - 1, LAYER_ROW_HEIGHT * layer_rows] if layers else None,
-                                 hspace=0.25 if layers else 0)
-        top = outer[0].subgridspec(1, 3, width_ratios=[1.1, 1, 0.8], wspace=0.45)
+        # the summary row keeps its place in inches from the top; the per-head maps go below it
+        top = fig.add_gridspec(1, 3, width_ratios=[1.1, 1, 0.8], wspace=0.45, top=1 - 0.75 / height,
+                               bottom=1 - (SUMMARY_SIZE[1] - 0.85) / height)
         _draw_regions(fig.add_subplot(top[0]), rgb, boxes, answer.region_weights, blank=image_file is None)
         _draw_answers(fig.add_subplot(top[1]), answer.answers)
         _draw_words(fig.add_subplot(top[2]), answer.tokens, answer.maps["question_flat"].mean(axis=1))
         if layers:
-            _draw_layers(fig, outer[1], answer)
+            _draw_layers(fig, fig.add_gridspec(1, 1, top=1 - (SUMMARY_SIZE[1] + 0.5) / height,
+                                               bottom=0.8 / height)[0], answer)
         fig.suptitle(f"Q: {answer.question}", fontsize=13, y=1 - 0.2 / height)
         fig.text(0.01, 0.1 / height, REGION_ATTENTION_NOTE, fontsize=8, color="dimgray")
         buffer = io.BytesIO()
