@@ -36,7 +36,13 @@ COMMANDS: dict[str, Command] = {
     "predict": Command("accuvqa.predict:main", "answer one question about one image", (
         ("--image", {"required": True, "help": "image file (easyvqa) or region features .npz"}),
         ("--question", {"required": True, "help": "the question, in words"}),
-        ("--top", {"type": int, "default": 5, "help": "how many answers to print (default 5)"}))),
+        ("--top", {"type": int, "default": 5, "help": "how many answers to print (default 5)"}),
+        ("--attention", {"metavar": "OUT.png", "help": "also draw the model's attention over the image's "
+                         "regions, the question and the answers into OUT.png"}),
+        ("--attention-layers", {"action": "store_true", "help": "with --attention: add the per-layer, "
+                                "per-head maps (question self-attention, image-to-question, image self-attention)"}),
+        ("--image-file", {"metavar": "IMG", "help": "with --attention and a features .npz: the photo to draw "
+                          "the regions on (default: a blank canvas of the stored image size)"}))),
     "check": Command("accuvqa.check:main", "measure that gradient accumulation equals the one-batch gradient "
                      "on this model"),
     "plot": Command("accuvqa.plot:main", "plot accuracy and loss per epoch of a run "

@@ -1,19 +1,22 @@
-"""`accuvqa predict`: one image and one question -> the top answers of a trained model."""
+"""`accuvqa predict`: one image and one question -> the top answers of a trained model, and with
+`--attention OUT.png` a picture of where it looked (see `accuvqa.attention`)."""
 
 from __future__ import annotations
 
 import argparse
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from accuvqa.attention import check_picture_path, draw_attention, exposes_attention, read_image, require_attention
 from accuvqa.checkpoint import load_trained
 from accuvqa.config import Config
-from accuvqa.data.features import read_features
+from accuvqa.data.features import _READ_ERRORS, read_features
 from accuvqa.data.records import FOLDERS
-from accuvqa.data.vocab import encode_question
-from accuvqa.errors import DataError
+from accuvqa.data.vocab import encode_tokens, tokenize
+from accuvqa.errors import ConfigError, DataError
 from accuvqa.models import model_inputs
 from accuvqa.runtime import setup_runtime
 
@@ -33,25 +36,158 @@ def image_region_features(cfg: Config, image: str | Path) -> np.ndarray:
                     f"e.g. {FOLDERS['val']}/COCO_val2014_<id>.jpg.npz")
 
 
+def image_regions(cfg: Config, image: str | Path) -> tuple[np.ndarray | None, tuple[int, int] | None]:
+    """Region boxes (N, 4) x1, y1, x2, y2 in image pixels and the image's (width, height), either None
+    when unknown: a features .npz's `bbox`, `image_w`, `image_h`, or easy-VQA's own regions of an image file."""
+    image_path = Path(image)
+    if image_path.suffix == ".npz":
+        try:
+            with np.load(image_path) as npz:
+                boxes = npz["bbox"] if "bbox" in npz.files else None
+                size = (int(npz["image_w"]), int(npz["image_h"])) if {"image_w", "image_h"} <= set(npz.files) else None
+        except _READ_ERRORS as e:
+            raise DataError(f"cannot read the boxes of {image}: {e}") from e
+        if boxes is not None:
+            boxes = np.asarray(boxes, dtype=np.float32)[:cfg.IMG_FEAT_PAD_SIZE]
+            if boxes.ndim != 2 or boxes.shape[1] != 4:
+                raise DataError(f"{image}: 'bbox' has shape {boxes.shape}, expected (N, 4) x1, y1, x2, y2")
+        return boxes, size
+    if cfg.DATASET == "easyvqa":
+        from accuvqa.data.easyvqa import image_features, read_rgb
+
+        rgb = read_rgb(image_path)
+        return image_features(rgb)[1], (rgb.shape[1], rgb.shape[0])
+    return None, None
+
+
+@dataclass
+class Answer:
+    """One forward pass: the top answers and, for a model that exposes attention, its maps.
+
+    `region_weights` (N,): the AttFlat image weights that pool the regions for the classifier (mean
+    over glimpses). `maps`: name -> array without the batch axis, cut to the question's words (T) and
+    the image's regions (N): `question_self/<i>` (heads, T, T), `image_self/<i>` (heads, N, N),
+    `image_question/<i>` (heads, N, T), `image_flat` (N, G), `question_flat` (T, G).
+    """
+
+    question: str
+    answers: list[tuple[str, float]]  # (answer, sigmoid score), best first
+    tokens: list[str]  # the words as the model saw them (UNK for words outside its dictionary)
+    region_weights: np.ndarray | None = None
+    maps: dict[str, np.ndarray] = field(default_factory=dict)
+    boxes: np.ndarray | None = None
+
+
+class Predictor:
+    """A trained model loaded once (model, vocabularies, device) for many questions."""
+
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
+        self.device = setup_runtime(cfg).device
+        self.model, self.vocab, self.checkpoint, self.epoch = load_trained(cfg, self.device)
+        self.model.eval()
+
+    @property
+    def exposes_attention(self) -> bool:
+        """Whether the model can keep attention maps (MCAN can)."""
+        return exposes_attention(self.model)
+
+    def features(self, image: str | Path) -> np.ndarray:
+        """(N, IMG_FEAT_SIZE) float32 region features of a features .npz or (easyvqa) an image file."""
+        return image_region_features(self.cfg, image)
+
+    def boxes(self, image: str | Path) -> np.ndarray | None:
+        """(N, 4) region boxes x1, y1, x2, y2 in image pixels, None when the features carry none."""
+        return image_regions(self.cfg, image)[0]
+
+    def image_size(self, image: str | Path) -> tuple[int, int] | None:
+        """(width, height) of the image the boxes refer to, None when unknown."""
+        return image_regions(self.cfg, image)[1]
+
+    def answer(self, feats: np.ndarray, question: str, top_k: int = 5, boxes: np.ndarray | None = None,
+               attention: bool = True) -> Answer:
+        """Top-k answers to `question` about the image of `feats`, with the attention maps of the same
+        forward pass when `attention` and the model exposes them."""
+        cfg = self.cfg
+        feats = np.ascontiguousarray(feats, dtype=np.float32)
+        if feats.ndim != 2 or feats.shape[1] != cfg.IMG_FEAT_SIZE:
+            raise DataError(f"features of shape {feats.shape}, expected (N, {cfg.IMG_FEAT_SIZE}) (IMG_FEAT_SIZE)")
+        words = tokenize(question)[:cfg.MAX_TOKEN]
+        if not words:
+            raise DataError(f"the question {question!r} has no words")
+        token_to_ix = self.vocab.token_to_ix
+        batch = {"img_feat": torch.from_numpy(feats)[None].to(self.device),
+                 "ques_ix": torch.from_numpy(encode_tokens(words, token_to_ix, cfg.MAX_TOKEN))[None].to(self.device)}
+        keep = attention and self.exposes_attention
+        if keep:
+            self.model.keep_attention(True)
+        try:
+            with torch.no_grad():
+                logits = self.model(*model_inputs(cfg, batch))
+                maps = self.model.attention_maps() if keep else {}
+        finally:
+            if keep:
+                self.model.keep_attention(False)
+        scores = torch.sigmoid(logits[0].float()).cpu()
+        top = torch.topk(scores, min(top_k, scores.numel()))
+        ix_to_ans = self.vocab.ix_to_ans
+        result = Answer(question, [(ix_to_ans[i], float(s)) for s, i in zip(top.values.tolist(), top.indices.tolist())],
+                        [w if w in token_to_ix else "UNK" for w in words], boxes=boxes)
+        if keep:
+            result.maps = _cut_maps(maps, len(words), len(feats))
+            result.region_weights = result.maps["image_flat"].mean(axis=1)
+        return result
+
+    def draw(self, answer: Answer, out: str | Path | None = None, *, image_file: str | Path | None = None,
+             boxes: np.ndarray | None = None, image_size: tuple[int, int] | None = None, layers: bool = False):
+        """The attention picture of `answer` (PIL image), also written to `out` as a PNG when given."""
+        require_attention(self.model, self.cfg.MODEL_USE)
+        return draw_attention(answer, out, image_file=image_file, boxes=boxes, image_size=image_size, layers=layers)
+
+
+def _cut_maps(maps: dict[str, torch.Tensor], n_words: int, n_regions: int) -> dict[str, np.ndarray]:
+    """Drop the batch axis and the question's padding positions (queries and keys)."""
+    sizes = {"question": n_words, "image": n_regions}
+    axes = {"question_self": ("question", "question"), "image_self": ("image", "image"),
+            "image_question": ("image", "question")}
+    cut = {}
+    for name, m in maps.items():
+        m = m[0].float().cpu().numpy()
+        kind = name.split("/")[0]
+        if kind in axes:
+            q, k = axes[kind]
+            cut[name] = m[:, :sizes[q], :sizes[k]]
+        else:  # image_flat / question_flat: (L, G)
+            cut[name] = m[:sizes[kind.split("_")[0]]]
+    return cut
+
+
 def predict(cfg: Config, image: str, question: str, top_k: int = 5) -> list[tuple[str, float]]:
     """Top-k answers with sigmoid scores for one image (PNG/JPEG for easyvqa, or a features .npz)."""
     feats = image_region_features(cfg, image)
-    rt = setup_runtime(cfg)
-    model, vocab, _, _ = load_trained(cfg, rt.device)
-    batch = {"img_feat": torch.from_numpy(np.ascontiguousarray(feats, dtype=np.float32))[None].to(rt.device),
-             "ques_ix": torch.from_numpy(encode_question(question, vocab.token_to_ix, cfg.MAX_TOKEN))[None]
-             .to(rt.device)}
-    model.eval()
-    with torch.no_grad():
-        logits = model(*model_inputs(cfg, batch))
-    scores = torch.sigmoid(logits[0]).cpu()
-    top = torch.topk(scores, min(top_k, scores.numel()))
-    ix_to_ans = vocab.ix_to_ans
-    return [(ix_to_ans[i], float(s)) for s, i in zip(top.values.tolist(), top.indices.tolist())]
+    return Predictor(cfg).answer(feats, question, top_k, attention=False).answers
 
 
 def main(cfg: Config, args: argparse.Namespace) -> int:
-    """Print `score  answer` lines, best first."""
-    for answer, score in predict(cfg, args.image, args.question, args.top):
-        print(f"{score:.4f}  {answer}")
+    """Print `score  answer` lines, best first; with --attention, draw the attention picture."""
+    out, image_file = getattr(args, "attention", None), getattr(args, "image_file", None)
+    if out is None and (getattr(args, "attention_layers", False) or image_file):
+        raise ConfigError("--attention-layers and --image-file go with --attention OUT.png")
+    if out is not None:
+        check_picture_path(out)
+    feats = image_region_features(cfg, args.image)
+    if image_file is not None:
+        read_image(image_file)  # a bad --image-file is named before the model is loaded
+    elif out is not None and Path(args.image).suffix != ".npz":
+        image_file = args.image  # easy-VQA: the picture itself
+    predictor = Predictor(cfg)
+    if out is not None:
+        require_attention(predictor.model, cfg.MODEL_USE)
+    boxes, size = image_regions(cfg, args.image) if out is not None else (None, None)
+    answer = predictor.answer(feats, args.question, args.top, boxes=boxes, attention=out is not None)
+    for name, score in answer.answers:
+        print(f"{score:.4f}  {name}")
+    if out is not None:
+        predictor.draw(answer, out, image_file=image_file, image_size=size, layers=args.attention_layers)
+        print(f"attention picture: {out}")
     return 0

@@ -81,6 +81,10 @@ class MHAtt(nn.Module):
             raise ValueError("HIDDEN_SIZE must be divisible by MULTI_HEAD")
         self.head_size = self.hidden_size // self.n_heads
         self.use_sdpa = use_sdpa
+        # Opt-in (off by default, so training keeps SDPA): compute attention explicitly and keep the
+        # (B, heads, Lq, Lk) map of the last forward pass in `kept_map`; the output is the same.
+        self.keep_map = False
+        self.kept_map: torch.Tensor | None = None
 
         self.linear_v = nn.Linear(self.hidden_size, self.hidden_size)
         self.linear_k = nn.Linear(self.hidden_size, self.hidden_size)
@@ -98,7 +102,7 @@ class MHAtt(nn.Module):
         """Attend from q (B, Lq, H) to k/v (B, Lk, H); mask (B, 1, 1, Lk) is True where padded."""
         batch = q.size(0)
         v, k, q = self._split(self.linear_v(v)), self._split(self.linear_k(k)), self._split(self.linear_q(q))
-        if self.use_sdpa:
+        if self.use_sdpa and not self.keep_map:
             attn_mask = None
             if mask is not None:
                 attn_mask = torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill(mask, MASK_VALUE)
@@ -116,8 +120,10 @@ class MHAtt(nn.Module):
         scores = torch.matmul(query, key.transpose(-2, -1)) / math.sqrt(query.size(-1))
         if mask is not None:
             scores = scores.masked_fill(mask, MASK_VALUE)
-        att_map = self.dropout(F.softmax(scores, dim=-1))
-        return torch.matmul(att_map, value)
+        att_map = F.softmax(scores, dim=-1)  # (B, heads, Lq, Lk)
+        if self.keep_map:
+            self.kept_map = att_map.detach()
+        return torch.matmul(self.dropout(att_map), value)
 
 
 class FFN(nn.Module):
@@ -181,6 +187,8 @@ class AttFlat(nn.Module):
         self.glimpses: int = cfg.FLAT_GLIMPSES
         self.mlp = MLP(cfg.HIDDEN_SIZE, cfg.FLAT_MLP_SIZE, cfg.FLAT_GLIMPSES, dropout_r=cfg.DROPOUT_R, use_relu=True)
         self.linear_merge = nn.Linear(cfg.HIDDEN_SIZE * cfg.FLAT_GLIMPSES, cfg.FLAT_OUT_SIZE)
+        self.keep_map = False  # opt-in: keep the (B, L, G) pooling weights of the last forward pass
+        self.kept_map: torch.Tensor | None = None
 
     def forward(self, x: torch.Tensor, x_mask: torch.Tensor | None) -> torch.Tensor:
         """x (B, L, H), x_mask (B, 1, 1, L) -> (B, FLAT_OUT_SIZE)."""
@@ -188,5 +196,7 @@ class AttFlat(nn.Module):
         if x_mask is not None:
             att = att.masked_fill(x_mask.squeeze(1).squeeze(1).unsqueeze(2), MASK_VALUE)
         att = F.softmax(att, dim=1)
+        if self.keep_map:
+            self.kept_map = att.detach()
         x_atted = torch.einsum("blg,blh->bgh", att, x)  # (B, G, H)
         return self.linear_merge(x_atted.reshape(x.size(0), -1))  # glimpses concatenated: (B, G*H)

@@ -11,7 +11,7 @@ from torch import nn
 
 from accuvqa.config import require_positive
 from accuvqa.errors import ConfigError
-from accuvqa.models.layers import SA, SGA, AttFlat, LayerNorm
+from accuvqa.models.layers import SA, SGA, AttFlat, LayerNorm, MHAtt
 from accuvqa.models.registry import register_model
 
 
@@ -111,6 +111,33 @@ class MCAN(nn.Module):
         lang_feat, img = self.backbone(lang_feat, img, lang_mask, img_mask)
         proj_feat = self.attflat_lang(lang_feat, lang_mask) + self.attflat_img(img, img_mask)  # (B, FLAT_OUT)
         return self.proj(self.proj_norm(proj_feat))
+
+    def keep_attention(self, on: bool = True) -> None:
+        """Opt-in: attention is computed explicitly and its maps kept for `attention_maps` (same output)."""
+        for module in self.modules():
+            if isinstance(module, (MHAtt, AttFlat)):
+                module.keep_map, module.kept_map = on, None
+
+    def attention_maps(self) -> dict[str, torch.Tensor]:
+        """The maps of the last forward pass run under `keep_attention(True)`, layers counted from 1:
+
+        `question_self/<i>` (B, heads, T, T): encoder SA i, question words attending to words;
+        `image_self/<i>` (B, heads, N, N): decoder SGA i, regions attending to regions;
+        `image_question/<i>` (B, heads, N, T): decoder SGA i, regions attending to question words;
+        `image_flat` (B, N, G) / `question_flat` (B, T, G): the AttFlat pooling weights per glimpse
+        that feed the classifier (each glimpse sums to 1 over the unpadded regions / words).
+        """
+        maps = {}
+        for i, enc in enumerate(self.backbone.enc_list, start=1):
+            maps[f"question_self/{i}"] = enc.mhatt.kept_map
+        for i, dec in enumerate(self.backbone.dec_list, start=1):
+            maps[f"image_self/{i}"] = dec.mhatt1.kept_map
+            maps[f"image_question/{i}"] = dec.mhatt2.kept_map
+        maps["image_flat"] = self.attflat_img.kept_map
+        maps["question_flat"] = self.attflat_lang.kept_map
+        if any(m is None for m in maps.values()):
+            raise RuntimeError("no attention maps kept: call keep_attention(True), then run forward")
+        return maps
 
 
 @register_model("mcan", keys=MCANKeys, inputs=("img_feat", "ques_ix"),
