@@ -4,7 +4,6 @@ a real browser (headless Chromium driven by Playwright) with every request going
 from __future__ import annotations
 
 import os
-import shutil
 import socket
 import subprocess
 import sys
@@ -42,8 +41,19 @@ def test_an_uploaded_image_is_answered_like_predict(page, tiny_trained, png):
     expected = predict(tiny_trained, png, QUESTION, top_k=5)  # loads the checkpoint afresh
     assert list(reply.answers) == [a for a, _ in expected]
     assert list(reply.answers.values()) == pytest.approx([s for _, s in expected], abs=1e-6)
-    assert reply.picture is not None and reply.picture.size[0] > 0
+    # the attention picture: larger than the 64x64 upload, drawn from the same forward pass
+    assert reply.picture is not None and reply.picture.size[0] > 64 * 4
     assert reply.message.startswith(f"Answered from {Path(png).name}")
+
+
+def test_the_model_is_loaded_once_not_per_question(page, png, monkeypatch):
+    def no_reload(*args):
+        raise AssertionError("the checkpoint was loaded again")
+
+    monkeypatch.setattr("accuvqa.predict.load_trained", no_reload)
+    monkeypatch.setattr("accuvqa.checkpoint.load_trained", no_reload)
+    assert len(page.ask(png, None, None, QUESTION).answers) == 5
+    assert len(page.ask(None, None, page.images[0].name, "Is there a circle?").answers) == 5
 
 
 def test_a_dataset_image_is_answered_like_its_features(page, tiny_trained):
@@ -75,7 +85,8 @@ def test_bad_input_gives_one_message_and_no_answer(page, tiny_trained, png, tmp_
     from PIL import Image
 
     (tmp_path / "notes.png").write_text("not an image")
-    Image.new("RGB", (8000, MAX_IMAGE_PIXELS // 8000 + 1)).save(tmp_path / "huge.png")
+    Image.new("1", (8000, MAX_IMAGE_PIXELS // 8000 + 1)).save(tmp_path / "huge.png")
+    Image.new("1", (15000, 12000)).save(tmp_path / "bomb.png")  # past Pillow's decompression-bomb limit
     cases = {  # (image, features, picked, question) -> what the message must say
         (str(tmp_path / "notes.png"), None, None, QUESTION): "notes.png is not an image that can be read",
         (png, None, None, "   "): "type a question, then press Ask",
@@ -84,6 +95,7 @@ def test_bad_input_gives_one_message_and_no_answer(page, tiny_trained, png, tmp_
         (None, _npz(tmp_path / "small.npz", 7), None, QUESTION):
             f"small.npz: 'x' has shape (7, 4), expected ({tiny_trained.IMG_FEAT_SIZE}, N)",
         (str(tmp_path / "huge.png"), None, None, QUESTION): "huge.png is 8000x5001 pixels, more than the 40,000,000",
+        (str(tmp_path / "bomb.png"), None, None, QUESTION): "bomb.png has more than the 40,000,000 pixels",
     }
     for inputs, says in cases.items():
         reply = page.ask(*inputs)
@@ -183,9 +195,12 @@ def test_the_page_answers_in_a_real_browser_and_fetches_nothing_from_outside(ser
         expect(picture).to_be_visible()
         assert picture.evaluate("img => img.naturalWidth") > 0
         shot = tmp_path / "serve.png"
-        web.screenshot(path=shot)
-        if os.environ.get("ACCUVQA_SERVE_SCREENSHOT"):
-            shutil.copyfile(shot, os.environ["ACCUVQA_SERVE_SCREENSHOT"])
+        web.screenshot(path=shot, full_page=True)
+        if os.environ.get("ACCUVQA_SERVE_SCREENSHOT"):  # the README's picture, in 256 colours to keep it small
+            from PIL import Image
+
+            with Image.open(shot) as image:
+                image.convert("RGB").quantize(256).save(os.environ["ACCUVQA_SERVE_SCREENSHOT"], optimize=True)
 
         for inputs, says in (({"image": str(tmp_path / "notes.png")}, "notes.png is not an image"),
                              ({"image": png, "question": ""}, "type a question, then press Ask"),

@@ -12,11 +12,11 @@ import argparse
 import json
 import logging
 import os
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 
 from accuvqa.config import Config
 from accuvqa.data.features import feature_file
@@ -103,6 +103,9 @@ def check_image(path: Path) -> None:
     try:
         with Image.open(path) as image:
             width, height = image.size
+    except Image.DecompressionBombError as e:  # Pillow's own limit, far above ours
+        raise DataError(f"{path.name} has more than the {MAX_IMAGE_PIXELS:,} pixels this page accepts: "
+                        f"make it smaller") from e
     except (UnidentifiedImageError, OSError) as e:
         raise DataError(f"{path.name} is not an image that can be read (PNG or JPEG expected)") from e
     if width * height > MAX_IMAGE_PIXELS:
@@ -114,8 +117,11 @@ class Page:
     """The model, loaded once, and the dataset images the page offers; `ask` answers one question."""
 
     def __init__(self, cfg: Config) -> None:
+        from accuvqa.predict import Predictor
+
         self.cfg = cfg
-        self.predictor = _Stopgap(cfg)
+        self.predictor = Predictor(cfg)
+        self.lock = threading.Lock()  # one question at a time: the model keeps its attention maps in itself
         self.images = dataset_images(cfg)
         self.by_name = {image.name: image for image in self.images}
 
@@ -149,55 +155,14 @@ class Page:
             raise DataError("with the VQA v2 layout the model reads region features: upload the image's "
                             "features .npz as well, or pick one of the dataset's images")
         reads = features if features is not None else image
-        feats = self.predictor.features(reads)
-        boxes = self.predictor.boxes(reads)
-        answer = self.predictor.answer(feats, question, top_k=TOP_K, boxes=boxes)
-        picture = self.predictor.draw(answer, image_file=image, boxes=boxes)
+        predictor = self.predictor
+        feats = predictor.features(reads)
+        boxes, size = predictor.boxes(reads), predictor.image_size(reads)
+        with self.lock:
+            answer = predictor.answer(feats, question, top_k=TOP_K, boxes=boxes)
+            picture = (predictor.draw(answer, image_file=image, boxes=boxes, image_size=size)
+                       if predictor.exposes_attention else None)
         return Reply(dict(answer.answers), picture, f"Answered from {source}: {feats.shape[0]} regions.")
-
-
-class _Stopgap:
-    """Answers with the model loaded once; the picture is the image itself (no attention yet)."""
-
-    def __init__(self, cfg: Config) -> None:
-        import torch
-
-        from accuvqa.checkpoint import load_trained
-        from accuvqa.runtime import setup_runtime
-
-        self.cfg, self.torch = cfg, torch
-        self.device = setup_runtime(cfg).device
-        self.model, self.vocab, _, _ = load_trained(cfg, self.device)
-        self.model.eval()
-
-    def features(self, image):
-        from accuvqa.predict import image_region_features
-
-        return image_region_features(self.cfg, image)
-
-    def boxes(self, image):
-        return None
-
-    def answer(self, feats, question, top_k=5, boxes=None):
-        from types import SimpleNamespace
-
-        from accuvqa.data.vocab import encode_question
-        from accuvqa.models import model_inputs
-
-        torch = self.torch
-        batch = {"img_feat": torch.from_numpy(np.ascontiguousarray(feats, dtype=np.float32))[None].to(self.device),
-                 "ques_ix": torch.from_numpy(encode_question(question, self.vocab.token_to_ix, self.cfg.MAX_TOKEN))[None]
-                 .to(self.device)}
-        with torch.no_grad():
-            scores = torch.sigmoid(self.model(*model_inputs(self.cfg, batch))[0]).cpu()
-        top = torch.topk(scores, min(top_k, scores.numel()))
-        return SimpleNamespace(answers=[(self.vocab.ix_to_ans[i], float(s))
-                                        for s, i in zip(top.values.tolist(), top.indices.tolist())])
-
-    def draw(self, answer, out=None, *, image_file=None, boxes=None, image_size=None, layers=False):
-        from PIL import Image
-
-        return Image.open(image_file).convert("RGB") if image_file else None
 
 
 def import_gradio() -> Any:
@@ -211,7 +176,7 @@ def import_gradio() -> Any:
 
 
 def build_page(page: Page, gr: Any) -> Any:
-    """The Gradio Blocks of the page: inputs and Ask on the left, answers and the picture on the right."""
+    """The Gradio Blocks of the page: inputs and Ask beside the answers, the attention picture below them."""
     cfg = page.cfg
     vqa_layout = cfg.DATASET != "easyvqa"
 
@@ -240,8 +205,8 @@ def build_page(page: Page, gr: Any) -> Any:
             with gr.Column():
                 message = gr.Markdown(elem_id="message")
                 answers = gr.Label(label=f"Top-{TOP_K} answers", num_top_classes=TOP_K, elem_id="answers")
-                picture = gr.Image(label="Where the model looked", type="pil", format="png", interactive=False,
-                                   elem_id="picture")
+        picture = gr.Image(label="Where the model looked", type="pil", format="png", interactive=False,
+                           buttons=["download", "fullscreen"], elem_id="picture")  # no sharing to a hub
         if page.images:
             gr.Examples(examples(page.images), inputs=[picked, question], outputs=[image, features, answers, picture,
                         message], fn=ask_example, run_on_click=True, cache_examples=False, label="Examples from the data")
@@ -264,7 +229,8 @@ def main(cfg: Config, args: argparse.Namespace) -> int:
         blocks.launch(server_name=args.host, server_port=args.port, max_file_size=MAX_UPLOAD, ssr_mode=False,
                       share=False, quiet=True, footer_links=["settings"], show_error=False)
     except OSError as e:
-        raise ConfigError(f"cannot serve on {args.host}:{args.port} ({e}); pick another --port") from e
+        raise ConfigError(f"cannot serve on {args.host}:{args.port}: the port is taken or the host is not an "
+                          f"address of this machine; pick another --port or --host") from e
     except KeyboardInterrupt:
         blocks.close()
     return 0
