@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from accuvqa import cli
+from accuvqa.errors import ConfigError
 from accuvqa.predict import predict
 from accuvqa.serve import MAX_IMAGE_PIXELS, Page, dataset_images
 from conftest import ROOT, TINY, cli_overrides
@@ -116,6 +117,22 @@ def test_serve_without_gradio_exits_2_with_the_install_line(monkeypatch, capsys)
         cli.main(["serve", "--config", "easyvqa", "--CKPT_PATH", "never-read.pkl"])
     assert exit_.value.code == 2
     assert capsys.readouterr().err == "accuvqa: error: accuvqa serve needs Gradio: pip install 'accuvqa[demo]'\n"
+
+
+@pytest.mark.slow  # imports gradio: several seconds
+def test_a_taken_port_is_named(tiny_trained, monkeypatch):
+    import argparse
+
+    from accuvqa import serve
+
+    pytest.importorskip("gradio")
+    monkeypatch.setenv("GRADIO_ANALYTICS_ENABLED", "False")
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(ConfigError, match=f"cannot serve on 127.0.0.1:{port}: the port is taken"):
+            serve.main(tiny_trained, argparse.Namespace(host="127.0.0.1", port=port))
 
 
 def _free_port() -> int:
