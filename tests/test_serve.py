@@ -106,9 +106,16 @@ def test_bad_input_gives_one_message_and_no_answer(page, tiny_trained, png, tmp_
     assert page.ask(png, None, None, QUESTION).answers  # and the next question is answered
 
 
-def test_the_vqa_layout_asks_for_region_features(tiny_trained, png):
-    page = Page(tiny_trained.replace(DATASET="vqa"))
+def test_the_vqa_layout_answers_from_region_features(tiny_trained, png):
+    cfg = tiny_trained.replace(DATASET="vqa")
+    page = Page(cfg)
     assert "upload the image's features .npz as well" in page.ask(png, None, None, QUESTION).message
+    chosen = page.images[0]
+    assert chosen.image_file is None  # the VQA v2 layout has features, not pictures
+    reply = page.ask(None, str(chosen.features), None, QUESTION)
+    assert list(reply.answers) == [a for a, _ in predict(cfg, str(chosen.features), QUESTION)]
+    assert reply.picture is not None  # the regions' boxes on a blank canvas of the stored image size
+    assert page.ask(png, str(chosen.features), None, QUESTION).answers == reply.answers  # image only drawn on
 
 
 def test_serve_without_gradio_exits_2_with_the_install_line(monkeypatch, capsys):
