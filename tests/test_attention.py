@@ -216,6 +216,10 @@ def test_attention_png_is_written_and_read_back(predictor, test_png, tmp_path):
     rows = 3 * predictor.cfg.LAYER  # SA, SGA guided, SGA self per layer
     assert layered.size == (SUMMARY_SIZE[0] * DPI, round((SUMMARY_SIZE[1] + LAYER_ROW_HEIGHT * rows) * DPI))
     assert _non_blank(layered)
+    plain = predictor.answer(predictor.features(test_png[1]), QUESTIONS[0], attention=False)
+    assert plain.maps == {} and plain.region_weights is None
+    with pytest.raises(ConfigError, match="this answer holds no attention maps"):
+        predictor.draw(plain)
 
 
 def _args(image: str, **over) -> argparse.Namespace:

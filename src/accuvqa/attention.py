@@ -131,8 +131,8 @@ def _draw_answers(ax: Any, answers: list[tuple[str, float]]) -> None:
     ax.barh(range(len(names)), scores, color="tab:blue")
     ax.set_yticks(range(len(names)), names)
     for y, s in enumerate(scores):
-        ax.text(min(s, 1.0) + 0.01, y, f"{s:.3f}", va="center", fontsize=9)
-    ax.set(xlim=(0, 1.15), xlabel="score (sigmoid)")
+        ax.text(min(s, 1.0) + 0.01, y, f"{s:.4f}", va="center", fontsize=9)
+    ax.set(xlim=(0, 1.2), xlabel="score (sigmoid)")
     ax.set_title(f"top {len(answers)} answers", fontsize=10)
 
 
@@ -199,7 +199,8 @@ def draw_attention(answer: Answer, out: str | Path | None = None, *, image_file:
     from PIL import Image
 
     if answer.region_weights is None:
-        raise ConfigError("this answer holds no attention maps: the model does not expose attention maps")
+        raise ConfigError("this answer holds no attention maps: ask with answer(..., attention=True) "
+                          "a model that exposes them")
     if out is not None:
         check_picture_path(out)
     rgb, boxes = picture_and_boxes(answer, image_file, boxes, image_size)
