@@ -1,5 +1,6 @@
 # make demo: set up .venv and train + test MCAN on the bundled easy-VQA data.
 # make test: set up .venv and run the test suite.
+# make docs: regenerate docs/config.md (every config key) from the code.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -8,7 +9,7 @@ DEMO_VERSION := demo-$(shell date +%Y%m%d-%H%M%S)
 endif
 CONFIG ?= configs/easyvqa.yml
 
-.PHONY: demo test setup clean-venv
+.PHONY: demo test setup clean-venv docs
 
 setup: $(VENV)/.installed
 
@@ -25,6 +26,9 @@ demo: setup
 
 test: setup
 	$(BIN)/python -m pytest -q
+
+docs: setup
+	$(BIN)/python -m accuvqa.config_doc > docs/config.md
 
 clean-venv:
 	rm -rf $(VENV)

@@ -8,14 +8,17 @@ ACCUVQA_DEBUG=1 prints their full traceback instead.
 from __future__ import annotations
 
 import argparse
+import difflib
 import importlib
 import logging
 import os
 import sys
+import textwrap
 import traceback
 from typing import Any, NamedTuple, Sequence
 
 from accuvqa.config import load_config
+from accuvqa.config_doc import help_text
 from accuvqa.errors import AccuvqaError, ConfigError, Stopped
 
 
@@ -45,8 +48,12 @@ COMMANDS: dict[str, Command] = {
                           "the regions on (default: a blank canvas of the stored image size)"}))),
     "check": Command("accuvqa.check:main", "measure that gradient accumulation equals the one-batch gradient "
                      "on this model"),
-    "plot": Command("accuvqa.plot:main", "plot accuracy and loss per epoch of a run "
-                    "(<RESULT_PATH>/<VERSION>/metrics.png)"),
+    "plot": Command("accuvqa.plot:main", "plot accuracy, loss and learning rate per epoch of a run "
+                    "(<RESULT_PATH>/<VERSION>/metrics.png), or of several runs in one picture "
+                    "(--VERSION a,b,c --out FILE.png)", (
+                        ("--out", {"metavar": "FILE.png", "help": "where to write the picture (default: "
+                                   "<RESULT_PATH>/<VERSION>/metrics.png for one run, "
+                                   "<RESULT_PATH>/compare_<a>_<b>.png for several)"}),)),
     "serve": Command("accuvqa.serve:main", "ask a trained model about an image in the browser "
                      "(needs pip install 'accuvqa[demo]')", (
         ("--host", {"default": "127.0.0.1", "help": "address to serve on (default 127.0.0.1)"}),
@@ -60,9 +67,10 @@ def _parser() -> argparse.ArgumentParser:
         description="Train and evaluate VQA models (MCAN) with exact gradient accumulation.",
         epilog="Any config key can be overridden as --KEY VALUE, e.g. --GRAD_ACCU_STEPS 4.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    keys = help_text()  # every config key: group, type, default, meaning
     for name, command in COMMANDS.items():
-        p = sub.add_parser(name, help=command.help, description=command.help,
-                           epilog="Any config key can be overridden as --KEY VALUE.")
+        p = sub.add_parser(name, help=command.help, description=textwrap.fill(command.help, 100), epilog=keys,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
         p.add_argument("--config", metavar="FILE.yml|PRESET", help="YAML file of config keys, or the name of "
                        "a packaged preset (small, large, easyvqa)")
         for flag, options in command.arguments:
@@ -89,11 +97,11 @@ def parse_overrides(rest: Sequence[str]) -> dict[str, str]:
     return overrides
 
 
-def print_table(title: str, rows: dict[str, Any]) -> None:
-    """A title line, then `  key   value` rows: the summaries the commands print."""
-    print(title)
-    for key, value in rows.items():
-        print(f"  {key:<18} {value}")
+def print_table(title: str, rows: dict[str, Any]) -> list[str]:
+    """Print a title line, then `  key   value` rows: the summaries the commands print; return the lines."""
+    lines = [title, *(f"  {key:<18} {value}" for key, value in rows.items())]
+    print("\n".join(lines))
+    return lines
 
 
 def run(argv: Sequence[str] | None = None) -> int:
@@ -101,10 +109,16 @@ def run(argv: Sequence[str] | None = None) -> int:
     from accuvqa.legacy import translate_argv
 
     argv = translate_argv(list(sys.argv[1:] if argv is None else argv))  # mcan-vqa's run.py flags
+    if argv and not argv[0].startswith("-") and argv[0] not in COMMANDS:
+        close = difflib.get_close_matches(argv[0], list(COMMANDS), n=1, cutoff=0.5)
+        raise ConfigError(f"unknown command {argv[0]!r}" + (f"; did you mean {close[0]}?" if close else "")
+                          + f" (commands: {', '.join(COMMANDS)})")
     args, rest = _parser().parse_known_args(argv)
     cfg = load_config(args.config, parse_overrides(rest))
+    stderr = logging.StreamHandler(sys.stderr)  # the level sits on the handler: a run's log.txt takes every line
+    stderr.setLevel(logging.INFO if cfg.VERBOSE else logging.WARNING)
     logging.basicConfig(level=logging.INFO if cfg.VERBOSE else logging.WARNING,
-                        format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S", stream=sys.stderr)
+                        format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S", handlers=[stderr])
     module, function = COMMANDS[args.command].target.split(":")
     return getattr(importlib.import_module(module), function)(cfg, args)
 

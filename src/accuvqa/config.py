@@ -74,6 +74,7 @@ class Config:
     CKPT_EVERY_STEPS: int = 0  # also save a resumable checkpoint every N updates (0: at epoch ends only)
     KEEP_CKPTS: int = 2  # mid-epoch checkpoints kept, newest first (0: all); epoch checkpoints are never removed
     MAX_BAD_UPDATES: int = 5  # stop after this many updates in a row with a non-finite loss or gradient
+    LOG_EVERY_STEPS: int = 50  # updates between progress lines (off a terminal) and TensorBoard training points
     CKPT_VERSION: Optional[str] = None  # None: VERSION
     CKPT_EPOCH: int = 0
     CKPT_PATH: Optional[str] = None
@@ -271,7 +272,7 @@ def _validate(cfg: Config, sources: Mapping[str, str]) -> None:
     for key in ("NUM_WORKERS", "CKPT_EVERY_STEPS", "KEEP_CKPTS"):
         if getattr(cfg, key) < 0:
             raise ConfigError(f"{key} must be >= 0, got {getattr(cfg, key)}{where(key)}")
-    require_positive(cfg, ["MAX_BAD_UPDATES"], where)
+    require_positive(cfg, ["MAX_BAD_UPDATES", "LOG_EVERY_STEPS"], where)
 
 
 def _validate_optimizer(cfg: Config, where: Callable[[str], str]) -> None:

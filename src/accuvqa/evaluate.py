@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
 from accuvqa.checkpoint import load_trained
 from accuvqa.config import Config
@@ -21,6 +19,7 @@ from accuvqa.data.vocab import Vocab
 from accuvqa.files import append_jsonl, write_json_atomic
 from accuvqa.metrics import evaluate as vqa_evaluate
 from accuvqa.models import model_inputs
+from accuvqa.runlog import append_log, progress
 from accuvqa.runtime import setup_runtime, to_device
 
 
@@ -33,8 +32,8 @@ def predict_dataset(model: torch.nn.Module, dataset: VQADataset, cfg: Config, de
     top_ix = np.zeros(len(dataset), dtype=np.int64)
     top_score = np.zeros(len(dataset), dtype=np.float32)
     loss_total = torch.zeros((), dtype=torch.float64)
-    for batch in tqdm(batch_loader(dataset, batches, cfg), total=len(batches), desc=desc, leave=False,
-                      disable=not cfg.VERBOSE, file=sys.stderr):
+    for batch in progress(batch_loader(dataset, batches, cfg), total=len(batches), desc=desc, leave=False,
+                          every=cfg.LOG_EVERY_STEPS, disable=not cfg.VERBOSE):
         index = batch["index"].numpy()
         inputs = to_device(batch, device)
         logits = model(*model_inputs(cfg, inputs)).float()
@@ -55,25 +54,32 @@ def score_predictions(records: Sequence[QuestionRecord], answers: Sequence[str])
     return vqa_evaluate(predictions, questions)
 
 
-def record_metrics(cfg: Config, split: str, epoch: int, step: int | None, result: dict[str, Any],
-                   loss: float) -> dict[str, Any]:
-    """Build the metrics line of one evaluation and append it to <RESULT_PATH>/<VERSION>/metrics.jsonl."""
-    line = {"epoch": epoch, "step": step, "split": split, "accuracy": result["accuracy"],
-            "per_answer_type": result["per_answer_type"], "loss": loss,
-            "per_question_type": result["per_question_type"]}
+def record_metrics(cfg: Config, split: str, epoch: int, step: int | None, result: dict[str, Any] | None,
+                   loss: float | None, train: Mapping[str, float] | None = None) -> dict[str, Any]:
+    """Build the metrics line of one evaluation and append it to <RESULT_PATH>/<VERSION>/metrics.jsonl.
+
+    `train`: the epoch's training figures ({"train_loss", "lr"}) joined to the line; without an
+    evaluation (`result` None) the line holds them alone.
+    """
+    line: dict[str, Any] = {"epoch": epoch, "step": step, "split": split}
+    if result is not None:
+        line.update({"accuracy": result["accuracy"], "per_answer_type": result["per_answer_type"], "loss": loss,
+                     "per_question_type": result["per_question_type"]})
+    line.update(train or {})
     append_jsonl(Path(cfg.RESULT_PATH) / cfg.run_version / "metrics.jsonl", line)
     return line
 
 
 def evaluate_split(cfg: Config, model: torch.nn.Module, dataset: VQADataset, vocab: Vocab,
-                   device: torch.device, split: str, epoch: int, step: int) -> dict[str, Any] | None:
-    """Evaluate on a split with annotations, log a metrics line; None when it has no answers."""
+                   device: torch.device, split: str, epoch: int, step: int,
+                   train: Mapping[str, float] | None = None) -> dict[str, Any] | None:
+    """Evaluate on a split with annotations, log a metrics line (with `train` figures); None when it has no answers."""
     top_ix, _, loss = predict_dataset(model, dataset, cfg, device, desc=f"eval {split}")
     if any(r.answers is None for r in dataset.records):
         return None
     ix_to_ans = vocab.ix_to_ans
     result = score_predictions(dataset.records, [ix_to_ans[i] for i in top_ix])
-    return record_metrics(cfg, split, epoch, step, result, loss)
+    return record_metrics(cfg, split, epoch, step, result, loss, train)
 
 
 def run_eval(cfg: Config, split: str) -> dict[str, Any]:
@@ -114,5 +120,5 @@ def main(cfg: Config, args: argparse.Namespace) -> int:
     for key in ("submission", "predictions"):
         if key in s:
             rows[key] = s[key]
-    print_table(f"{args.command} ({cfg.DATASET}, split {args.command})", rows)
+    append_log(cfg, print_table(f"{args.command} ({cfg.DATASET}, split {args.command})", rows))
     return 0

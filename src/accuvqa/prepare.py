@@ -3,9 +3,15 @@
 from __future__ import annotations
 
 import argparse
-import sys
+from typing import Sequence
 
 from accuvqa.config import Config
+from accuvqa.runlog import progress
+
+
+def _progress(cfg: Config, items: Sequence, desc: str) -> Sequence:
+    """A bar on a terminal; elsewhere one line per tenth of the work."""
+    return progress(items, desc=desc, every=max(1, len(items) // 10), disable=not cfg.VERBOSE)
 
 
 def main(cfg: Config, args: argparse.Namespace) -> int:
@@ -26,12 +32,9 @@ def main(cfg: Config, args: argparse.Namespace) -> int:
             print(f"note: {note}")
         _pack(cfg, sorted({f for v in summary["splits"].values() for f in v["feature_folders"]}))
         return 0
-    from tqdm import tqdm
-
     from accuvqa.data.easyvqa import prepare_easyvqa
 
-    summary = prepare_easyvqa(cfg, progress=lambda items, desc: tqdm(items, desc=desc, file=sys.stderr,
-                                                                      disable=not cfg.VERBOSE))
+    summary = prepare_easyvqa(cfg, progress=lambda items, desc: _progress(cfg, items, desc))
     print_table(f"easy-VQA written to {cfg.DATASET_PATH} and {cfg.FEATURE_PATH}", {
         split: f"{v['questions']} questions, {v['images']} images" for split, v in summary.items()})
     return 0
@@ -41,16 +44,14 @@ def _pack(cfg: Config, folders: list[str]) -> None:
     """Pack each feature folder into its memory-mapped store (kept when current, resumed when interrupted)."""
     from pathlib import Path
 
-    from tqdm import tqdm
-
     from accuvqa.cli import print_table
     from accuvqa.data.store import pack_folder
 
     rows = {}
     for folder in folders:
         name = Path(folder).name
-        store = pack_folder(cfg.FEATURE_PATH, name, cfg.IMG_FEAT_SIZE, progress=lambda items, desc: tqdm(
-            items, desc=desc, file=sys.stderr, disable=not cfg.VERBOSE, mininterval=1.0))
+        store = pack_folder(cfg.FEATURE_PATH, name, cfg.IMG_FEAT_SIZE,
+                            progress=lambda items, desc: _progress(cfg, items, desc))
         size = sum(p.stat().st_size for p in store.iterdir())
         rows[name] = f"{store} ({size / 2**20:.1f} MiB)"
     print_table("packed feature stores (read by train, val, test and predict)", rows)

@@ -20,7 +20,6 @@ from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
 from accuvqa.accumulate import GradientAccumulator
 from accuvqa.checkpoint import (Position, checkpoint_path, checkpoint_state, checkpoint_vocab, guard_new_run,
@@ -32,8 +31,9 @@ from accuvqa.data.records import annotation_file, load_records, parse_splits, qu
 from accuvqa.data.vocab import Vocab, build_vocab
 from accuvqa.data.word_vectors import load_pretrained_embedding
 from accuvqa.errors import ConfigError, DataError, Stopped
-from accuvqa.evaluate import evaluate_split
+from accuvqa.evaluate import evaluate_split, record_metrics
 from accuvqa.models import build_model, model_inputs
+from accuvqa.runlog import RunLog, append_log, progress
 from accuvqa.runtime import Runtime, StopRequest, mixed_precision, setup_runtime, to_device, unwrap
 
 log = logging.getLogger(__name__)
@@ -134,21 +134,20 @@ def train(cfg: Config) -> dict[str, Any]:
         accumulator.model = model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None)
     loss_fn = make_loss_fn(cfg)
-    if rt.is_main:
-        log.info("train: %d questions, %d images; %d updates/epoch; %s (micro-batch x GRAD_ACCU_STEPS x "
-                 "processes); %s, %.2fM parameters; device %s", len(train_set), len(train_set.image_ids), n_batches,
-                 effective_batch_text(cfg.BATCH_SIZE, accumulator.micro_batches, rt.world_size), cfg.MODEL_USE,
-                 sum(p.numel() for p in model.parameters()) / 1e6, rt.device)
 
-    # the loop
+    # the loop; config.yml, log.txt and TensorBoard events beside the metrics (first process only)
     updates_per_epoch = len(train_set) / cfg.BATCH_SIZE  # mcan-vqa's warm-up counts data_size / batch
     started, first_step, last_eval = time.perf_counter(), pos.step, None
-    with StopRequest() as stop:
+    with StopRequest() as stop, RunLog(cfg, rt.is_main, pos.step) as runlog:
+        if rt.is_main:
+            log.info("train: %d questions, %d images; %d updates/epoch; %s (micro-batch x GRAD_ACCU_STEPS x "
+                     "processes); %s, %.2fM parameters; device %s", len(train_set), len(train_set.image_ids), n_batches,
+                     effective_batch_text(cfg.BATCH_SIZE, accumulator.micro_batches, rt.world_size), cfg.MODEL_USE,
+                     sum(p.numel() for p in model.parameters()) / 1e6, rt.device)
         for epoch in range(pos.epoch, cfg.MAX_EPOCH):
             batches = epoch_batches(len(train_set), cfg, epoch, rt)
-            bar = tqdm(total=len(batches), initial=pos.batch, desc=f"epoch {epoch + 1}/{cfg.MAX_EPOCH}", file=sys.stderr,
-                       disable=not (rt.is_main and cfg.VERBOSE), dynamic_ncols=True,
-                       mininterval=0.5 if sys.stderr.isatty() else 15.0)
+            bar = progress(total=len(batches), initial=pos.batch, desc=f"epoch {epoch + 1}/{cfg.MAX_EPOCH}",
+                           every=cfg.LOG_EVERY_STEPS, disable=not (rt.is_main and cfg.VERBOSE))
             epoch_start = time.perf_counter()
             # running sums stay on the device: reading them (a host sync) happens only when logging
             loss_sum = torch.tensor(pos.loss_sum, dtype=torch.float64, device=rt.device)
@@ -165,15 +164,17 @@ def train(cfg: Config) -> dict[str, Any]:
                     pos.bad_updates = 0
                     loss_sum += result.loss.detach() * (1 if cfg.LOSS_REDUCTION == "sum" else result.n_items)
                     item_sum += result.n_items
+                if done % cfg.LOG_EVERY_STEPS == 0 or done == len(batches):  # reading the loss syncs: not every update
+                    bar.set_postfix(runlog.training(
+                        pos.step, epoch, float(loss_sum) / max(float(item_sum), 1.0), lr, float(result.grad_norm),
+                        (done - pos.batch) * cfg.BATCH_SIZE / (time.perf_counter() - epoch_start)))
                 bar.update(1)
-                if done % 20 == 0 or done == len(batches):  # reading the loss syncs with the device: not every update
-                    bar.set_postfix(loss=f"{float(loss_sum) / max(float(item_sum), 1.0):.4f}", lr=f"{lr:.2e}",
-                                    samples_s=f"{(done - pos.batch) * cfg.BATCH_SIZE / (time.perf_counter() - epoch_start):.0f}")
                 stopping = stop.requested(rt)
                 if done < len(batches) and (stopping or (cfg.CKPT_EVERY_STEPS and pos.step % cfg.CKPT_EVERY_STEPS == 0)):
                     mid = Position(epoch, pos.step, done, float(loss_sum), float(item_sum), pos.bad_updates)
                     path = _save(cfg, rt, step_checkpoint_path(cfg.CKPTS_PATH, cfg.run_version, pos.step),
                                  model, accumulator, vocab, mid, epoch)
+                    runlog.note(f"update {pos.step} (epoch {epoch + 1}): saved {path}")
                     if stopping:
                         bar.close()
                         _stop(stop, path, pos.step, epoch)
@@ -181,13 +182,18 @@ def train(cfg: Config) -> dict[str, Any]:
 
             # checkpoint and evaluation
             seconds = time.perf_counter() - epoch_start
-            msg = (f"epoch {epoch + 1}: train loss {float(loss_sum) / max(float(item_sum), 1.0):.4f}, {seconds:.1f} s, "
+            epoch_train = {"train_loss": float(loss_sum) / max(float(item_sum), 1.0), "lr": lr}
+            msg = (f"epoch {epoch + 1}: train loss {epoch_train['train_loss']:.4f}, {seconds:.1f} s, "
                    f"{(len(batches) - pos.batch) * cfg.BATCH_SIZE / seconds:.0f} samples/s")
             pos = Position(epoch + 1, pos.step, 0, 0.0, 0.0, pos.bad_updates)
             path = _save(cfg, rt, checkpoint_path(cfg.CKPTS_PATH, cfg.run_version, epoch + 1),
                          model, accumulator, vocab, pos, epoch)
+            if rt.is_main and eval_set is None:
+                record_metrics(cfg, "train", epoch + 1, pos.step, None, None, epoch_train)
             if rt.is_main and eval_set is not None:
-                last_eval = evaluate_split(cfg, unwrap(model), eval_set, vocab, rt.device, "val", epoch + 1, pos.step)
+                last_eval = evaluate_split(cfg, unwrap(model), eval_set, vocab, rt.device, "val", epoch + 1, pos.step,
+                                           epoch_train)
+                runlog.evaluation(last_eval)
                 msg += f"; val accuracy {last_eval['accuracy']:.2f}% (" + ", ".join(
                     f"{k} {v:.2f}" for k, v in sorted(last_eval["per_answer_type"].items())) + ")"
             if rt.is_main:
@@ -250,12 +256,12 @@ def main(cfg: Config, args: argparse.Namespace) -> int:
     s = train(cfg)
     if torch.distributed.is_initialized() and torch.distributed.get_rank() != 0:
         return 0
-    print_table(f"training done: run {s['version']}", {
+    append_log(cfg, print_table(f"training done: run {s['version']}", {
         "val accuracy": f"{s['val_accuracy']:.2f}%" if s["val_accuracy"] is not None else "not evaluated",
         "wall time": f"{s['wall_time_s']:.1f} s",
         "samples/s": f"{s['samples_per_s']:.0f}",
         "updates": f"{s['updates']} ({s['updates_run']} in this run)",
         "effective batch": s["effective_batch"],
         "checkpoint": s["checkpoint"],
-    })
+    }))
     return 0
