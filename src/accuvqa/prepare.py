@@ -1,4 +1,5 @@
-"""`accuvqa prepare`: write the bundled easy-VQA in the VQA v2 layout, or check a VQA v2 tree."""
+"""`accuvqa prepare`: write the bundled easy-VQA in the VQA v2 layout, or check a VQA v2 tree; then
+encode its questions and answers as arrays (and, for VQA v2, pack its features)."""
 
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ def main(cfg: Config, args: argparse.Namespace) -> int:
         for note in summary["notes"]:
             print(f"note: {note}")
         _pack(cfg, sorted({f for v in summary["splits"].values() for f in v["feature_folders"]}))
+        _encode_questions(cfg)
         return 0
     from tqdm import tqdm
 
@@ -34,7 +36,19 @@ def main(cfg: Config, args: argparse.Namespace) -> int:
                                                                       disable=not cfg.VERBOSE))
     print_table(f"easy-VQA written to {cfg.DATASET_PATH} and {cfg.FEATURE_PATH}", {
         split: f"{v['questions']} questions, {v['images']} images" for split, v in summary.items()})
+    _encode_questions(cfg)
     return 0
+
+
+def _encode_questions(cfg: Config) -> None:
+    """Write the questions, answer targets and dictionaries as arrays (kept when current)."""
+    from accuvqa.cli import print_table
+    from accuvqa.data.qa_store import prepare_qa_store
+
+    store, counts = prepare_qa_store(cfg)
+    size = sum(p.stat().st_size for p in store.iterdir())
+    print_table(f"question arrays (read by train, val and test): {store} ({size / 2**20:.1f} MiB)",
+                {split: f"{n} questions" for split, n in counts.items()})
 
 
 def _pack(cfg: Config, folders: list[str]) -> None:
