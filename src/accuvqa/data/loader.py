@@ -34,7 +34,7 @@ def load_questions(cfg: Config, split_spec: str, need_answers: bool) -> Question
 def make_dataset(cfg: Config, records: Sequence[QuestionRecord] | QuestionArrays, vocab: Vocab) -> VQADataset:
     """A dataset over `records` (or `load_questions`' arrays) whose features come from the folders those
     splits use: their packed stores when every folder has a current one, the per-image `.npz` files otherwise."""
-    if isinstance(records, QuestionArrays) and records.vocab.fingerprint() != vocab.fingerprint():
+    if isinstance(records, QuestionArrays) and records.vocab != vocab:
         # arrays encoded with other dictionaries than the run's (a checkpoint's): encode the JSON again
         records = load_records(cfg, records.split_spec, need_answers=False)
     used = (records.folders if isinstance(records, QuestionArrays)
@@ -42,8 +42,8 @@ def make_dataset(cfg: Config, records: Sequence[QuestionRecord] | QuestionArrays
     folders = {f for f in used if f}
     if not folders or "" in used:
         folders |= set(VG_FOLDERS)
-    files = index_features(cfg.FEATURE_PATH, sorted(folders))
-    features = open_stores(cfg.FEATURE_PATH, sorted(folders), cfg.IMG_FEAT_SIZE) or files
+    features = (open_stores(cfg.FEATURE_PATH, sorted(folders), cfg.IMG_FEAT_SIZE)
+                or index_features(cfg.FEATURE_PATH, sorted(folders)))
     return VQADataset(cfg, records, vocab.token_to_ix, vocab.ans_to_ix, features)
 
 
