@@ -42,13 +42,17 @@ def main(cfg: Config, args: argparse.Namespace) -> int:
 
 def _encode_questions(cfg: Config) -> None:
     """Write the questions, answer targets and dictionaries as arrays (kept when current)."""
-    from accuvqa.cli import print_table
     from accuvqa.data.qa_store import prepare_qa_store
+    from accuvqa.errors import DataError
 
-    store, counts = prepare_qa_store(cfg)
+    try:
+        store, counts = prepare_qa_store(cfg)
+    except DataError as e:  # the tree is fine; a run reading it would stop on the same error
+        print(f"note: question arrays not written ({e}); runs read the JSON")
+        return
     size = sum(p.stat().st_size for p in store.iterdir())
-    print_table(f"question arrays (read by train, val and test): {store} ({size / 2**20:.1f} MiB)",
-                {split: f"{n} questions" for split, n in counts.items()})
+    print(f"question arrays (read by train, val and test): {store} ({size / 2**20:.1f} MiB; "
+          + ", ".join(f"{split} {n} questions" for split, n in counts.items()) + ")")
 
 
 def _pack(cfg: Config, folders: list[str]) -> None:

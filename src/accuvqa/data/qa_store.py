@@ -277,12 +277,8 @@ def prepare_qa_store(cfg: Config) -> tuple[Path, dict[str, int]]:
         resumed = json.loads((partial / "plan.json").read_text()) == plan
     except (OSError, ValueError):
         resumed = False
-    if not resumed:
-        shutil.rmtree(partial, ignore_errors=True)
-        partial.mkdir(parents=True)
-        write_json_atomic(partial / "plan.json", plan)
     records = {s: load_split(cfg.DATASET_PATH, s, need_answers=s != "test") for s in splits}
-    if resumed and (partial / "vocab.json").is_file():
+    if resumed:
         token_to_ix, ans_to_ix = json.loads((partial / "vocab.json").read_text())
         vocab = Vocab(token_to_ix, ans_to_ix)
     else:
@@ -291,8 +287,11 @@ def prepare_qa_store(cfg: Config) -> tuple[Path, dict[str, int]]:
             for r in (records[s] if s in records else load_split(cfg.DATASET_PATH, s, need_answers=False,
                                                                  allow_empty=True))]
         train = [r for s in parse_splits(cfg.TRAIN_SPLIT) for r in records[s]]
-        vocab = build_vocab(cfg, train, questions=questions)
+        vocab = build_vocab(cfg, train, questions=questions)  # a DataError (no answer kept) before any file
+        shutil.rmtree(partial, ignore_errors=True)
+        partial.mkdir(parents=True)
         write_json_atomic(partial / "vocab.json", [vocab.token_to_ix, vocab.ans_to_ix])
+        write_json_atomic(partial / "plan.json", plan)  # last: a partial folder with a plan has its vocab
     for split in splits:
         if not (resumed and (partial / f"{split}.npz").is_file()):
             _save_split(partial / f"{split}.npz", encode_records(records[split], vocab, cfg.MAX_TOKEN), records[split])
