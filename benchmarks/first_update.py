@@ -23,6 +23,7 @@ Each run reports:
   data is read; and the peak RSS of the process at that point;
 - each loader worker's private memory (USS: Private_Clean + Private_Dirty of smaps_rollup) after
   the first update and after --updates updates: what a worker copied of the main process.
+Last, what scoring the split from the arrays costs (`scoring_cost`); --runs 0 measures only that.
 """
 
 from __future__ import annotations
@@ -138,6 +139,30 @@ def write_tree(out: Path, images: int, seed: int = 0) -> None:
                  bbox=np.zeros((n, 4), np.float32), num_bbox=n, image_h=480, image_w=640)
 
 
+def scoring_cost(dataset_path: Path, config: str) -> str:
+    """What scoring a split from the arrays costs: the annotators' answers' share of the split file,
+    and the time and memory to decode them into `metrics.evaluate`'s table (done only when scoring)."""
+    from accuvqa.config import load_config
+    from accuvqa.data.qa_store import QAStore
+
+    def rss() -> int:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS"))
+
+    cfg = load_config(config, {"DATASET_PATH": str(dataset_path), "VERBOSE": False})
+    store = QAStore.open(cfg)
+    arrays = store.questions(cfg.TRAIN_SPLIT, need_answers=True)
+    with np.load(store.path / f"{cfg.TRAIN_SPLIT}.npz") as z:
+        sizes = {k: z[k].nbytes for k in z.files}
+    gt = sum(v for k, v in sizes.items() if k.startswith("gt_"))
+    before, start = rss(), time.perf_counter()
+    table = arrays.scoring_table()
+    seconds, grown = time.perf_counter() - start, rss() - before
+    return (f"{len(table)} questions: arrays {(sum(sizes.values()) - gt) / 2**20:.1f} MiB, annotators' answers "
+            f"{gt / 2**20:.1f} MiB in the split file (read only when scoring); decoding them into the scoring "
+            f"table: {seconds:.2f} s, +{grown / 2**20:.0f} MiB RSS while it is held")
+
+
 def accuvqa(*args: str) -> list[str]:
     return [sys.executable, "-m", "accuvqa", *args]
 
@@ -200,6 +225,9 @@ def main() -> int:
                       flush=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)
+    print("scoring from the arrays:", scoring_cost(tree / "vqa", args.config))
+    if not args.runs:
+        return 0
     med = {k: {m: statistics.median(r[m] for r in v) for m in ("first_update_s", "data_s")} for k, v in results.items()}
     qa = {k: statistics.median((r["peak_at_model"] - r["rss_before_data"]) / 2**20 for r in v) for k, v in results.items()}
     print(f"median first update: JSON {med['json']['first_update_s']:.2f} s, arrays {med['arrays']['first_update_s']:.2f} s "

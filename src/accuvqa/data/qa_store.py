@@ -115,7 +115,7 @@ class QuestionArrays:
         for path in self.sources:
             with np.load(path) as z:
                 strings = _arrays_to_strings(z["gt_strings"], z["gt_string_offsets"])
-                offsets, ix, annotated = z["gt_offsets"].tolist(), z["gt_answer"].tolist(), z["annotated"]
+                offsets, ix, annotated = z["gt_offsets"].tolist(), z["gt_answer"].tolist(), z["annotated"].tolist()
             out += [tuple(strings[j] for j in ix[offsets[i]: offsets[i + 1]]) if annotated[i] else None
                     for i in range(len(annotated))]
         return out
