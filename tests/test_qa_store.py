@@ -160,3 +160,23 @@ def test_training_and_evaluation_from_the_arrays_equal_those_from_the_json(cfg, 
     weights = [torch.load(tmp_path / "ck" / f"ckpt_{v}" / "epoch1.pkl", weights_only=True)["state_dict"]
                for v in ("json", "arrays")]
     assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+
+
+def test_a_store_of_several_splits_gives_the_batches_and_scores_of_their_json(cfg):
+    both = cfg.replace(TRAIN_SPLIT="train+val")
+    path = annotation_file(cfg.DATASET_PATH, "val")
+    anns = json.loads(path.read_text())
+    for ann in anns["annotations"][:5]:  # val's first questions answered apart from train's alike ones
+        ann["answers"] = [{**a, "answer": "yes"} for a in ann["answers"]]
+    path.write_text(json.dumps(anns))
+    records = load_records(both, "train+val", need_answers=True)
+    vocab = build_vocab(both, records)
+    _, counts = prepare_qa_store(both)
+    assert store_dir(both).name == "train+val.qa" and counts == {"train": 50, "val": 50, "test": 50}
+    arrays = load_questions(both, "train+val", need_answers=True)
+    assert isinstance(arrays, QuestionArrays) and len(arrays) == 100 and build_vocab(both, arrays) == vocab
+    indices = np.r_[np.arange(45, 60), np.random.default_rng(1).permutation(100)[:25]]
+    assert _equal(make_dataset(both, arrays, vocab)[indices], make_dataset(both, records, vocab)[indices])
+    predictions = ["2", "black", "yes", "no", "laptop"] * 20
+    assert score_predictions(arrays, predictions) == score_predictions(records, predictions)
+    assert arrays.split_names() == "train+val"
