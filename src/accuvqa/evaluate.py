@@ -13,8 +13,9 @@ import torch.nn.functional as F
 from accuvqa.checkpoint import load_trained
 from accuvqa.config import Config
 from accuvqa.data.dataset import VQADataset
-from accuvqa.data.loader import batch_loader, eval_batches, make_dataset
-from accuvqa.data.records import QuestionRecord, annotation_file, load_split
+from accuvqa.data.loader import batch_loader, eval_batches, load_questions, make_dataset
+from accuvqa.data.qa_store import QuestionArrays
+from accuvqa.data.records import QuestionRecord, annotation_file
 from accuvqa.data.vocab import Vocab
 from accuvqa.files import append_jsonl, write_json_atomic
 from accuvqa.metrics import evaluate as vqa_evaluate
@@ -46,11 +47,15 @@ def predict_dataset(model: torch.nn.Module, dataset: VQADataset, cfg: Config, de
     return top_ix, top_score, float(loss_total) / max(len(dataset), 1)
 
 
-def score_predictions(records: Sequence[QuestionRecord], answers: Sequence[str]) -> dict[str, Any]:
+def score_predictions(records: Sequence[QuestionRecord] | QuestionArrays, answers: Sequence[str]) -> dict[str, Any]:
     """Official VQA accuracy (percent) overall, per answer type and per question type."""
-    predictions = {r.question_id: a for r, a in zip(records, answers)}
-    questions = {r.question_id: {"answers": list(r.answers), "answer_type": r.answer_type,
-                                 "question_type": r.question_type} for r in records}
+    if isinstance(records, QuestionArrays):  # the annotators' answers are read now, not kept by the run
+        predictions = dict(zip(records.question_id.tolist(), answers))
+        questions = records.scoring_table()
+    else:
+        predictions = {r.question_id: a for r, a in zip(records, answers)}
+        questions = {r.question_id: {"answers": list(r.answers), "answer_type": r.answer_type,
+                                     "question_type": r.question_type} for r in records}
     return vqa_evaluate(predictions, questions)
 
 
@@ -75,10 +80,10 @@ def evaluate_split(cfg: Config, model: torch.nn.Module, dataset: VQADataset, voc
                    train: Mapping[str, float] | None = None) -> dict[str, Any] | None:
     """Evaluate on a split with annotations, log a metrics line (with `train` figures); None when it has no answers."""
     top_ix, _, loss = predict_dataset(model, dataset, cfg, device, desc=f"eval {split}")
-    if any(r.answers is None for r in dataset.records):
+    if not dataset.questions.annotated.all():
         return None
     ix_to_ans = vocab.ix_to_ans
-    result = score_predictions(dataset.records, [ix_to_ans[i] for i in top_ix])
+    result = score_predictions(dataset.questions, [ix_to_ans[i] for i in top_ix])
     return record_metrics(cfg, split, epoch, step, result, loss, train)
 
 
@@ -87,21 +92,21 @@ def run_eval(cfg: Config, split: str) -> dict[str, Any]:
     rt = setup_runtime(cfg)
     model, vocab, path, epoch = load_trained(cfg, rt.device)
     has_answers = annotation_file(cfg.DATASET_PATH, split).is_file()
-    records = load_split(cfg.DATASET_PATH, split, need_answers=split == "val")
-    dataset = make_dataset(cfg, records, vocab)
+    dataset = make_dataset(cfg, load_questions(cfg, split, need_answers=split == "val"), vocab)
+    records = dataset.questions
     top_ix, top_score, loss = predict_dataset(model, dataset, cfg, rt.device, desc=f"eval {split}")
     ix_to_ans = vocab.ix_to_ans
     answers = [ix_to_ans[i] for i in top_ix]
     out_dir = Path(cfg.RESULT_PATH) / cfg.run_version
     summary: dict[str, Any] = {"checkpoint": str(path), "split": split, "questions": len(records)}
     if split == "test":
-        submission = [{"question_id": r.question_id, "answer": a} for r, a in zip(records, answers)]
+        submission = [{"question_id": q, "answer": a} for q, a in zip(records.question_id.tolist(), answers)]
         summary["submission"] = str(write_json_atomic(out_dir / "result_test.json", submission))
     if split == "val" and cfg.TEST_SAVE_PRED:
-        preds = [{"question_id": r.question_id, "answer": a, "score": float(s)}
-                 for r, a, s in zip(records, answers, top_score)]
+        preds = [{"question_id": q, "answer": a, "score": float(s)}
+                 for q, a, s in zip(records.question_id.tolist(), answers, top_score)]
         summary["predictions"] = str(write_json_atomic(out_dir / "result_val_pred.json", preds))
-    if has_answers and all(r.answers is not None for r in records):
+    if has_answers and records.annotated.all():
         result = score_predictions(records, answers)
         record_metrics(cfg, split, epoch, None, result, loss)
         summary.update(accuracy=result["accuracy"], per_answer_type=result["per_answer_type"])

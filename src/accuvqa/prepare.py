@@ -1,4 +1,5 @@
-"""`accuvqa prepare`: write the bundled easy-VQA in the VQA v2 layout, or check a VQA v2 tree."""
+"""`accuvqa prepare`: write the bundled easy-VQA in the VQA v2 layout, or check a VQA v2 tree; then
+encode its questions and answers as arrays (and, for VQA v2, pack its features)."""
 
 from __future__ import annotations
 
@@ -31,13 +32,30 @@ def main(cfg: Config, args: argparse.Namespace) -> int:
         for note in summary["notes"]:
             print(f"note: {note}")
         _pack(cfg, sorted({f for v in summary["splits"].values() for f in v["feature_folders"]}))
+        _encode_questions(cfg)
         return 0
     from accuvqa.data.easyvqa import prepare_easyvqa
 
     summary = prepare_easyvqa(cfg, progress=lambda items, desc: _progress(cfg, items, desc))
     print_table(f"easy-VQA written to {cfg.DATASET_PATH} and {cfg.FEATURE_PATH}", {
         split: f"{v['questions']} questions, {v['images']} images" for split, v in summary.items()})
+    _encode_questions(cfg)
     return 0
+
+
+def _encode_questions(cfg: Config) -> None:
+    """Write the questions, answer targets and dictionaries as arrays (kept when current)."""
+    from accuvqa.data.qa_store import prepare_qa_store
+    from accuvqa.errors import DataError
+
+    try:
+        store, counts = prepare_qa_store(cfg)
+    except DataError as e:  # the tree is fine; a run reading it would stop on the same error
+        print(f"note: question arrays not written ({e}); runs read the JSON")
+        return
+    size = sum(p.stat().st_size for p in store.iterdir())
+    print(f"question arrays (read by train, val and test): {store} ({size / 2**20:.1f} MiB; "
+          + ", ".join(f"{split} {n} questions" for split, n in counts.items()) + ")")
 
 
 def _pack(cfg: Config, folders: list[str]) -> None:

@@ -26,8 +26,8 @@ from accuvqa.checkpoint import (Position, checkpoint_path, checkpoint_state, che
                                 latest_checkpoint, load_checkpoint, resolve_checkpoint, restore_run,
                                 save_run_checkpoint, step_checkpoint_path)
 from accuvqa.config import Config
-from accuvqa.data.loader import batch_loader, epoch_batches, make_dataset
-from accuvqa.data.records import annotation_file, load_records, parse_splits, question_file
+from accuvqa.data.loader import batch_loader, epoch_batches, load_questions, make_dataset
+from accuvqa.data.records import annotation_file, parse_splits, question_file
 from accuvqa.data.vocab import Vocab, build_vocab
 from accuvqa.data.word_vectors import load_pretrained_embedding
 from accuvqa.errors import ConfigError, DataError, Stopped
@@ -106,14 +106,14 @@ def train(cfg: Config) -> dict[str, Any]:
         resume = load_checkpoint(resume_path)
 
     # data
-    train_records = load_records(cfg, cfg.TRAIN_SPLIT, need_answers=True)
+    train_records = load_questions(cfg, cfg.TRAIN_SPLIT, need_answers=True)  # prepare's arrays, or the JSON
     vocab = (checkpoint_vocab(cfg, resume, resume_path) if resume and "token_to_ix" in resume
              else build_vocab(cfg, train_records))
     train_set = make_dataset(cfg, train_records, vocab)
     eval_set = None
     if (cfg.EVAL_EVERY_EPOCH and "val" not in parse_splits(cfg.TRAIN_SPLIT)
             and question_file(cfg.DATASET_PATH, "val").is_file() and annotation_file(cfg.DATASET_PATH, "val").is_file()):
-        eval_set = make_dataset(cfg, load_records(cfg, "val", need_answers=True), vocab)
+        eval_set = make_dataset(cfg, load_questions(cfg, "val", need_answers=True), vocab)
     n_batches = len(train_set) // cfg.BATCH_SIZE
     if n_batches == 0:
         raise ConfigError(f"BATCH_SIZE {cfg.BATCH_SIZE} is larger than the training set ({len(train_set)} questions)")

@@ -11,9 +11,10 @@ import torch
 
 from accuvqa.config import Config
 from accuvqa.data.features import feature_file, read_features, region_counts
-from accuvqa.data.records import FOLDERS, QuestionRecord
+from accuvqa.data.qa_store import QuestionArrays, encode_records
+from accuvqa.data.records import QuestionRecord
 from accuvqa.data.store import PackedFeatures
-from accuvqa.data.vocab import answer_targets, encode_tokens, tokenize
+from accuvqa.data.vocab import Vocab
 from accuvqa.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -27,10 +28,10 @@ def _warn_cut(regions: np.ndarray, lengths: Sequence[int], cfg: Config, splits: 
         log.warning("%d of %d %s images have more than IMG_FEAT_PAD_SIZE %d regions (up to %d); %d regions are "
                     "dropped, as mcan-vqa does", int(over.sum()), len(regions), splits, cfg.IMG_FEAT_PAD_SIZE,
                     int(regions.max()), int((regions[over] - cfg.IMG_FEAT_PAD_SIZE).sum()))
-    long = [n for n in lengths if n > cfg.MAX_TOKEN]
-    if long:
+    long = np.asarray(lengths)[np.asarray(lengths) > cfg.MAX_TOKEN]
+    if len(long):
         log.warning("%d of %d %s questions are longer than MAX_TOKEN %d tokens (up to %d); they are cut",
-                    len(long), len(lengths), splits, cfg.MAX_TOKEN, max(long))
+                    len(long), len(lengths), splits, cfg.MAX_TOKEN, int(long.max()))
 
 
 class VQADataset(torch.utils.data.Dataset):
@@ -41,35 +42,37 @@ class VQADataset(torch.utils.data.Dataset):
     (B, T) cut to the batch's longest question, `answer_scores` (B, A) soft scores, and `index`.
     """
 
-    def __init__(self, cfg: Config, records: Sequence[QuestionRecord], token_to_ix: dict[str, int],
+    def __init__(self, cfg: Config, records: Sequence[QuestionRecord] | QuestionArrays, token_to_ix: dict[str, int],
                  ans_to_ix: dict[str, int], features: Mapping[int, Path | PackedFeatures]) -> None:
-        self.records = list(records)
+        # the questions as arrays (no object per question, so loader workers share them as they are):
+        # read from `accuvqa prepare`'s store, or encoded here from the JSON's records
+        self.questions = (records if isinstance(records, QuestionArrays)
+                          else encode_records(records, Vocab(token_to_ix, ans_to_ix), cfg.MAX_TOKEN))
+        self.records = self.questions.records  # None when read from the store
         self.n_answers = len(ans_to_ix)
         self.feat_size = cfg.IMG_FEAT_SIZE
         self.pad_size = cfg.IMG_FEAT_PAD_SIZE
-        tokens = [tokenize(r.question) for r in self.records]
-        self.ques_ix = np.stack([encode_tokens(t, token_to_ix, cfg.MAX_TOKEN)
-                                 for t in tokens]) if self.records else np.zeros((0, cfg.MAX_TOKEN), np.int64)
-        self.targets = [answer_targets(r.answers, ans_to_ix) if r.answers else [] for r in self.records]
-        missing = [r for r in self.records if r.image_id not in features]
+        self.ques_ix = self.questions.ques_ix  # (N, MAX_TOKEN) int32
+        self.image_ids = np.unique(self.questions.image_id).tolist()
+        missing = [iid for iid in self.image_ids if iid not in features]
         if missing:
-            first = missing[0]
-            images = {r.image_id for r in missing}
+            lacking = np.isin(self.questions.image_id, missing)
+            first = int(np.argmax(lacking))
+            folder = self.questions.folders[self.questions.folder[first]]
             raise DataError(
-                f"no feature file for image {first.image_id} (question {first.question_id}): expected "
-                f"{feature_file(cfg.FEATURE_PATH, first.folder or 'train2014', first.image_id)}; "
-                f"{len(images)} image(s) of {len(missing)} question(s) lack one")
-        self.image_ids = sorted({r.image_id for r in self.records})
+                f"no feature file for image {self.questions.image_id[first]} (question "
+                f"{self.questions.question_id[first]}): expected "
+                f"{feature_file(cfg.FEATURE_PATH, folder or 'train2014', int(self.questions.image_id[first]))}; "
+                f"{len(missing)} image(s) of {int(lacking.sum())} question(s) lack one")
         self.image_row = {iid: i for i, iid in enumerate(self.image_ids)}
+        self.question_row = np.searchsorted(self.image_ids, self.questions.image_id)  # (N,) image row of each question
         # each image's feature file, or its folder's packed store (accuvqa prepare writes one)
         self.paths = [features[iid] for iid in self.image_ids]
         self.packed_store = bool(self.paths) and isinstance(self.paths[0], PackedFeatures)
         # named at start, not mid-epoch: unreadable files, another feature size, what gets cut
         self.regions = (np.array([s.count(i) for s, i in zip(self.paths, self.image_ids)], dtype=np.int64)
                         if self.packed_store else region_counts(self.paths, self.feat_size))
-        split_of = {folder: split for split, folder in FOLDERS.items()}
-        splits = "+".join(dict.fromkeys(split_of.get(r.folder, "vg") for r in self.records))
-        _warn_cut(self.regions, [len(t) for t in tokens], cfg, splits)
+        _warn_cut(self.regions, self.questions.n_tokens, cfg, self.questions.split_names())
         self.packed: np.ndarray | None = None
         self.counts: np.ndarray | None = None
         if cfg.PRELOAD and not self.packed_store:  # a packed store is preloaded by the OS page cache
@@ -85,7 +88,7 @@ class VQADataset(torch.utils.data.Dataset):
             self.packed[i, : f.shape[0]] = f
 
     def __len__(self) -> int:
-        return len(self.records)
+        return len(self.questions)
 
     def _read(self, row: int) -> np.ndarray:
         """(N, D) regions of the image at `row`, cut to IMG_FEAT_PAD_SIZE."""
@@ -107,13 +110,10 @@ class VQADataset(torch.utils.data.Dataset):
 
     def __getitem__(self, indices: Sequence[int]) -> dict[str, torch.Tensor]:
         indices = np.asarray(indices, dtype=np.int64)
-        rows = np.array([self.image_row[self.records[i].image_id] for i in indices], dtype=np.int64)
-        ques_ix = self.ques_ix[indices]
+        rows = self.question_row[indices]
+        ques_ix = self.ques_ix[indices].astype(np.int64)
         t_max = max(int((ques_ix != 0).sum(1).max()), 1) if len(indices) else 1
-        scores = np.zeros((len(indices), self.n_answers), dtype=np.float32)
-        for b, i in enumerate(indices):
-            for a, s in self.targets[i]:
-                scores[b, a] = s
+        scores = self.questions.targets(indices, self.n_answers)
         return {
             "img_feat": torch.from_numpy(np.ascontiguousarray(self.image_features(rows))),
             "ques_ix": torch.from_numpy(np.ascontiguousarray(ques_ix[:, :t_max])),

@@ -16,20 +16,34 @@ import torch
 from accuvqa.config import Config
 from accuvqa.data.dataset import VQADataset
 from accuvqa.data.features import index_features
-from accuvqa.data.records import VG_FOLDERS, QuestionRecord
+from accuvqa.data.qa_store import QAStore, QuestionArrays
+from accuvqa.data.records import VG_FOLDERS, QuestionRecord, load_records
 from accuvqa.data.store import open_stores
 from accuvqa.data.vocab import Vocab
 from accuvqa.errors import AccuvqaError, DataError
 
 
-def make_dataset(cfg: Config, records: Sequence[QuestionRecord], vocab: Vocab) -> VQADataset:
-    """A dataset over `records` whose features come from the folders those splits use: their packed
-    stores when every folder has a current one, the per-image `.npz` files otherwise."""
-    folders = {r.folder for r in records if r.folder}
-    if not folders or any(not r.folder for r in records):
+def load_questions(cfg: Config, split_spec: str, need_answers: bool) -> QuestionArrays | list[QuestionRecord]:
+    """The questions of `split_spec`: the arrays `accuvqa prepare` wrote when they are current, the
+    JSON's records otherwise (a stale store is named in a warning)."""
+    store = QAStore.open(cfg)
+    arrays = store.questions(split_spec, need_answers) if store is not None else None
+    return arrays if arrays is not None else load_records(cfg, split_spec, need_answers)
+
+
+def make_dataset(cfg: Config, records: Sequence[QuestionRecord] | QuestionArrays, vocab: Vocab) -> VQADataset:
+    """A dataset over `records` (or `load_questions`' arrays) whose features come from the folders those
+    splits use: their packed stores when every folder has a current one, the per-image `.npz` files otherwise."""
+    if isinstance(records, QuestionArrays) and records.vocab != vocab:
+        # arrays encoded with other dictionaries than the run's (a checkpoint's): encode the JSON again
+        records = load_records(cfg, records.split_spec, need_answers=False)
+    used = (records.folders if isinstance(records, QuestionArrays)
+            else list(dict.fromkeys(r.folder for r in records)))
+    folders = {f for f in used if f}
+    if not folders or "" in used:
         folders |= set(VG_FOLDERS)
-    files = index_features(cfg.FEATURE_PATH, sorted(folders))
-    features = open_stores(cfg.FEATURE_PATH, sorted(folders), cfg.IMG_FEAT_SIZE) or files
+    features = (open_stores(cfg.FEATURE_PATH, sorted(folders), cfg.IMG_FEAT_SIZE)
+                or index_features(cfg.FEATURE_PATH, sorted(folders)))
     return VQADataset(cfg, records, vocab.token_to_ix, vocab.ans_to_ix, features)
 
 

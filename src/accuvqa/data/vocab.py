@@ -136,15 +136,23 @@ class Vocab:
         return hashlib.sha256(blob).hexdigest()[:16]
 
 
-def build_vocab(cfg: Config, train_records: Sequence[QuestionRecord]) -> Vocab:
+def build_vocab(cfg: Config, train_records: Sequence[QuestionRecord],
+                questions: Sequence[str] | None = None) -> Vocab:
     """Token dictionary over every question file present (mcan-vqa's rule), answers from training.
 
-    TOKEN_DICT_PATH / ANSWER_DICT_PATH pin either dictionary to a file instead.
+    TOKEN_DICT_PATH / ANSWER_DICT_PATH pin either dictionary to a file instead. `questions`: those
+    files' questions when the caller has read them already. Question arrays read from
+    `accuvqa prepare`'s store (instead of records) bring the dictionaries they were encoded with.
     """
+    stored = getattr(train_records, "vocab", None)  # qa_store.QuestionArrays
+    if stored is not None:
+        return stored
     if cfg.TOKEN_DICT_PATH:
         token_to_ix = load_token_dict(cfg.TOKEN_DICT_PATH)
+    elif questions is not None:
+        token_to_ix = build_token_dict(questions)
     else:
-        questions: list[str] = []
+        questions = []
         # mcan-vqa reads all four question files whatever TRAIN_SPLIT is, so an original checkpoint
         # trained on train+val+vg fits a val/test run configured with TRAIN_SPLIT train.
         for split in ("train", "val", "test", "vg"):
