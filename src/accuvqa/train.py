@@ -34,7 +34,8 @@ from accuvqa.data.word_vectors import load_pretrained_embedding
 from accuvqa.errors import ConfigError, DataError, Stopped
 from accuvqa.evaluate import evaluate_split
 from accuvqa.models import build_model, model_inputs
-from accuvqa.runtime import Runtime, StopRequest, mixed_precision, setup_runtime, to_device, unwrap
+from accuvqa.runtime import (Runtime, StopRequest, failure_drill, mixed_precision, rank_failures, setup_runtime,
+                             to_device, unwrap)
 
 log = logging.getLogger(__name__)
 
@@ -158,6 +159,7 @@ def train(cfg: Config) -> dict[str, Any]:
                 lr = lr_at(cfg, pos.step, epoch, updates_per_epoch)
                 for group in accumulator.optimizer.param_groups:
                     group["lr"] = lr
+                failure_drill(rt, pos.step)  # ACCUVQA_FAIL_AT: a rehearsed crash of one process
                 result = accumulator.step(to_device(batch, rt.device), loss_fn)
                 if result.skipped:  # its loss is inf/NaN: kept out of the running mean
                     pos.bad_updates = _count_bad_update(cfg, pos, epoch, accumulator)
@@ -186,8 +188,9 @@ def train(cfg: Config) -> dict[str, Any]:
             pos = Position(epoch + 1, pos.step, 0, 0.0, 0.0, pos.bad_updates)
             path = _save(cfg, rt, checkpoint_path(cfg.CKPTS_PATH, cfg.run_version, epoch + 1),
                          model, accumulator, vocab, pos, epoch)
-            if rt.is_main and eval_set is not None:
-                last_eval = evaluate_split(cfg, unwrap(model), eval_set, vocab, rt.device, "val", epoch + 1, pos.step)
+            if eval_set is not None:  # every process predicts its share; the first scores and logs
+                last_eval = evaluate_split(cfg, unwrap(model), eval_set, vocab, rt.device, "val", epoch + 1, pos.step, rt)
+            if rt.is_main and last_eval is not None:
                 msg += f"; val accuracy {last_eval['accuracy']:.2f}% (" + ", ".join(
                     f"{k} {v:.2f}" for k, v in sorted(last_eval["per_answer_type"].items())) + ")"
             if rt.is_main:
@@ -247,7 +250,8 @@ def main(cfg: Config, args: argparse.Namespace) -> int:
     """`accuvqa train`: train, then print a summary (under torchrun, on the first process only)."""
     from accuvqa.cli import print_table
 
-    s = train(cfg)
+    with rank_failures(lambda: latest_checkpoint(cfg.CKPTS_PATH, cfg.run_version)):
+        s = train(cfg)
     if torch.distributed.is_initialized() and torch.distributed.get_rank() != 0:
         return 0
     print_table(f"training done: run {s['version']}", {
