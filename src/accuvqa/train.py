@@ -189,7 +189,8 @@ def train(cfg: Config) -> dict[str, Any]:
             path = _save(cfg, rt, checkpoint_path(cfg.CKPTS_PATH, cfg.run_version, epoch + 1),
                          model, accumulator, vocab, pos, epoch)
             if eval_set is not None:  # every process predicts its share; the first scores and logs
-                last_eval = evaluate_split(cfg, unwrap(model), eval_set, vocab, rt.device, "val", epoch + 1, pos.step, rt)
+                last_eval = evaluate_split(cfg, unwrap(model), eval_set, vocab, rt.device, "val", epoch + 1, pos.step,
+                                           rt)
             if rt.is_main and last_eval is not None:
                 msg += f"; val accuracy {last_eval['accuracy']:.2f}% (" + ", ".join(
                     f"{k} {v:.2f}" for k, v in sorted(last_eval["per_answer_type"].items())) + ")"
