@@ -1,6 +1,15 @@
-"""Under DistributedDataParallel (2 gloo processes on CPU) the update equals one process's."""
+"""Under DistributedDataParallel (2 gloo processes on CPU): the engine's update equals one process's;
+`train()`, `val` and `test` under torchrun and `accuvqa train --nproc` give one process's results; a run
+resumes on another number of processes; a failing, killed or hung process ends the job."""
 
+import json
 import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -10,6 +19,17 @@ import torch.nn.functional as F
 from torch import nn
 
 from accuvqa.accumulate import GradientAccumulator
+from accuvqa.checkpoint import load_checkpoint, load_trained
+from accuvqa.cli import run as cli_run
+from accuvqa.config import load_config
+from accuvqa.data.loader import make_dataset
+from accuvqa.data.records import load_split
+from accuvqa.errors import ConfigError
+from accuvqa.evaluate import run_eval
+from accuvqa.models import model_inputs
+from accuvqa.runtime import PeerFailure, gather, rank_failures, setup_runtime, without_nproc
+from accuvqa.train import train
+from conftest import ROOT, TINY, cli_overrides, run_cli, write_vqa_layout
 
 N, FEATURES, TOKENS = 13, 6, 5  # 13 samples: each rank's share (7, 6) splits unevenly
 
@@ -82,3 +102,244 @@ def test_two_gloo_processes_match_one_process_on_the_whole_batch(tmp_path, reduc
         assert float(got["n_items"]) == float(items)  # item count all-reduced: global window
         assert float(got["loss"]) == pytest.approx(float(loss.detach()), rel=1e-9)
         assert got["sync_flags"] == [False, False, True]  # all-reduce on the last micro-batch only
+
+
+# ----------------------------------------------------------------------------- train() and evaluation under torchrun
+# 2 gloo processes on CPU, started as a user starts them: `accuvqa train --nproc 2` and `torchrun -m accuvqa`.
+
+RUN = {"BATCH_SIZE": 4, "MAX_EPOCH": 2, "DROPOUT_R": 0.0, "LR_BASE": 0.003, "IMG_FEAT_SIZE": 12,
+       "NUM_THREADS": 1, "VERBOSE": True}  # 50 train questions: 12 updates per epoch
+UPDATES_PER_EPOCH = 12
+
+
+@pytest.fixture(scope="module")
+def layout(tmp_path_factory) -> dict:
+    """The tiny VQA v2 layout: 50 questions per split, each answer 10 times in train."""
+    return write_vqa_layout(tmp_path_factory.mktemp("layout"), images_per_split=10)
+
+
+def _cfg(layout: dict, root: Path, version: str, **changes):
+    return load_config(overrides={**TINY, **RUN, "DATASET_PATH": layout["DATASET_PATH"],
+                                  "FEATURE_PATH": layout["FEATURE_PATH"], "CKPTS_PATH": str(root / "ck"),
+                                  "RESULT_PATH": str(root / "res"), "VERSION": version, **changes})
+
+
+def _args(cfg) -> list[str]:
+    """The command-line overrides that give `cfg` (the keys this file sets)."""
+    keys = [*TINY, *RUN, "DATASET_PATH", "FEATURE_PATH", "CKPTS_PATH", "RESULT_PATH", "VERSION", "EVAL_EVERY_EPOCH"]
+    return cli_overrides({k: getattr(cfg, k) for k in dict.fromkeys(keys)})
+
+
+def _torchrun(*args: str, cwd: Path, env: dict | None = None) -> tuple[subprocess.CompletedProcess, float]:
+    """`torchrun --standalone --nproc_per_node 2 -m accuvqa ARGS`, and its wall time in seconds."""
+    started = time.monotonic()
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                        "-m", "accuvqa", *args], cwd=cwd, capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "PYTHONPATH": str(ROOT / "src"), **(env or {})})
+    return r, time.monotonic() - started
+
+
+def _nproc2(*args: str, cwd: Path, env: dict | None = None) -> tuple[subprocess.CompletedProcess, float]:
+    """`accuvqa train --nproc 2 ARGS`, and its wall time in seconds."""
+    started = time.monotonic()
+    r = run_cli("train", "--nproc", "2", *args, cwd=cwd, env=env)
+    return r, time.monotonic() - started
+
+
+@torch.no_grad()
+def _val_logits(cfg, checkpoint: Path) -> torch.Tensor:
+    """The model's logits on every val question (held out from training), in one batch."""
+    model, vocab, _, _ = load_trained(cfg.replace(CKPT_PATH=str(checkpoint)), torch.device("cpu"))
+    dataset = make_dataset(cfg, load_split(cfg.DATASET_PATH, "val", need_answers=True), vocab)
+    return model.eval()(*model_inputs(cfg, dataset[list(range(len(dataset)))]))
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(layout, tmp_path_factory) -> dict:
+    """One process, never stopped: its config and its logits after epochs 1 and 2."""
+    root = tmp_path_factory.mktemp("whole")
+    cfg = _cfg(layout, root, "whole")
+    train(cfg)
+    run_dir = root / "ck/ckpt_whole"
+    return {"cfg": cfg, 1: _val_logits(cfg, run_dir / "epoch1.pkl"), 2: _val_logits(cfg, run_dir / "epoch2.pkl")}
+
+
+def _assert_outputs_match(got: torch.Tensor, uninterrupted: dict) -> float:
+    """got equals the uninterrupted run's final outputs within 1e-4, while an epoch moves them far more."""
+    diff = float((got - uninterrupted[2]).abs().max())
+    assert diff <= 1e-4, diff
+    assert float((uninterrupted[2] - uninterrupted[1]).abs().max()) > 100 * 1e-4  # the tolerance means something
+    return diff
+
+
+@pytest.mark.slow
+def test_two_processes_evaluate_val_and_test_exactly_as_one(uninterrupted, tmp_path):
+    ckpt = {"CKPTS_PATH": uninterrupted["cfg"].CKPTS_PATH, "CKPT_VERSION": "whole", "CKPT_EPOCH": 2}
+    one = uninterrupted["cfg"].replace(RESULT_PATH=str(tmp_path / "one"), TEST_SAVE_PRED=True, **ckpt)
+    for split in ("val", "test"):
+        run_eval(one, split)
+    two = one.replace(RESULT_PATH=str(tmp_path / "two"))
+    for split in ("val", "test"):  # torchrun -m accuvqa, as a user writes it
+        r, _ = _torchrun(split, *_args(two), *cli_overrides({"TEST_SAVE_PRED": True, **ckpt}), cwd=tmp_path)
+        assert r.returncode == 0, r.stderr[-3000:]
+        assert r.stdout.count("checkpoint") == 1  # one summary table, the first process's
+    for name in ("result_val_pred.json", "result_test.json"):  # 13 batches of 4: 7 on rank 0, 6 on rank 1
+        assert (tmp_path / "two/whole" / name).read_bytes() == (tmp_path / "one/whole" / name).read_bytes(), name
+    lines = [(tmp_path / run / "whole/metrics.jsonl").read_text().splitlines() for run in ("one", "two")]
+    assert len(lines[1]) == 1  # written once; the test split has no answers, no line
+    assert json.loads(lines[1][0]) == json.loads(lines[0][0])  # accuracy, per type, loss: the same numbers
+
+
+@pytest.mark.slow
+def test_a_one_process_checkpoint_resumes_on_two_processes(layout, uninterrupted, tmp_path):
+    cfg = _cfg(layout, tmp_path, "grow", EVAL_EVERY_EPOCH=True)
+    train(cfg.replace(MAX_EPOCH=1))
+    r, _ = _nproc2(*_args(cfg), "--RESUME", "True", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert f"resuming from {tmp_path}/ck/ckpt_grow/epoch1.pkl" in r.stderr
+    assert f"updates            {2 * UPDATES_PER_EPOCH} ({UPDATES_PER_EPOCH} in this run)" in r.stdout
+    assert "BATCH_SIZE 4 = 2 x 1 x 2" in r.stdout
+    _assert_outputs_match(_val_logits(cfg, tmp_path / "ck/ckpt_grow/epoch2.pkl"), uninterrupted)
+    # the per-epoch evaluation ran in both processes and was logged once, by the first
+    lines = [json.loads(x) for x in (tmp_path / "res/grow/metrics.jsonl").read_text().splitlines()]
+    assert [(x["epoch"], x["step"]) for x in lines] == [(1, 12), (2, 24)]
+
+
+@pytest.mark.slow
+def test_a_failing_rank_ends_the_job_and_its_last_checkpoint_resumes_on_one_process(layout, uninterrupted, tmp_path):
+    cfg = _cfg(layout, tmp_path, "crash", EVAL_EVERY_EPOCH=False)
+    fail_at = UPDATES_PER_EPOCH + 4  # in epoch 2, after epoch 1's checkpoint
+    r, seconds = _nproc2(*_args(cfg), cwd=tmp_path, env={"ACCUVQA_FAIL_AT": f"1:{fail_at}"})
+    assert r.returncode == 1, r.stderr[-3000:]  # the failed process's exit code (an uncaught error)
+    assert seconds < 120  # far below DIST_TIMEOUT (600 s): the lost peer is noticed, not waited for
+    run_dir = tmp_path / "ck/ckpt_crash"
+    last_line = r.stderr.strip().splitlines()[-1]
+    assert last_line == (f"accuvqa: error: rank 1 of 2: RuntimeError: failure drill (ACCUVQA_FAIL_AT): rank 1 fails "
+                         f"at update {fail_at}; the other processes were stopped; the last good checkpoint is "
+                         f"{run_dir}/epoch1.pkl; continue with --RESUME True (on any number of processes)")
+    assert "accuvqa: error: rank 0 of 2: a collective operation failed (" in r.stderr
+    # the last good checkpoint is intact: named by latest.json, loads, and holds epoch 1
+    assert sorted(p.name for p in run_dir.iterdir()) == ["epoch1.pkl", "latest.json"]
+    assert json.loads((run_dir / "latest.json").read_text())["checkpoint"] == "epoch1.pkl"
+    state = load_checkpoint(run_dir / "epoch1.pkl")
+    assert (state["epoch"], state["step"]) == (1, UPDATES_PER_EPOCH)
+    # ... and the run goes on in one process to the uninterrupted run's model
+    summary = train(cfg.replace(RESUME=True))
+    assert (summary["updates"], summary["updates_run"]) == (2 * UPDATES_PER_EPOCH, UPDATES_PER_EPOCH)
+    _assert_outputs_match(_val_logits(cfg, run_dir / "epoch2.pkl"), uninterrupted)
+
+
+@pytest.mark.slow
+def test_a_killed_rank_ends_the_job_with_its_signal(layout, tmp_path):
+    cfg = _cfg(layout, tmp_path, "killed", EVAL_EVERY_EPOCH=False)
+    r, seconds = _nproc2(*_args(cfg), cwd=tmp_path, env={"ACCUVQA_FAIL_AT": "1:3:kill"})
+    assert r.returncode == 128 + signal.SIGKILL, r.stderr[-3000:]
+    assert seconds < 120
+    assert r.stderr.strip().splitlines()[-1] == (
+        "accuvqa: error: rank 1 of 2 was killed by SIGKILL (often the out-of-memory killer, see dmesg); the other "
+        "processes were stopped; the last good checkpoint is none")
+    assert not (tmp_path / "ck/ckpt_killed").exists()
+
+
+def _hung_peer_worker(rank: int, port: int, out_dir: str) -> None:
+    """Rank 1 joins the group, then never enters the collective that rank 0 waits in."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2")
+    rt = setup_runtime(load_config(overrides={"DIST_TIMEOUT": 2, "NUM_THREADS": 1, "BATCH_SIZE": 2}))
+    result = Path(out_dir) / "rank0.json"
+    if rank == 1:
+        deadline = time.monotonic() + 120
+        while not result.exists() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        return
+    started = time.monotonic()
+    try:
+        with rank_failures(lambda: "ck/epoch3.pkl"):
+            gather("answers", rt)
+        error = None
+    except PeerFailure as e:
+        error = str(e)
+    result.write_text(json.dumps({"error": error, "seconds": time.monotonic() - started}))
+
+
+@pytest.mark.slow
+def test_a_hung_peer_fails_the_collective_after_dist_timeout(tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.start_processes(_hung_peer_worker, args=(port, str(tmp_path)), nprocs=2, join=True, start_method="spawn")
+    got = json.loads((tmp_path / "rank0.json").read_text())
+    assert got["error"] is not None and 2.0 <= got["seconds"] < 30, got
+    assert got["error"].startswith("rank 0 of 2: a collective operation failed (Timed out waiting 2000ms")
+    assert got["error"].endswith("hung for DIST_TIMEOUT seconds (its own message and the launcher's summary say "
+                                 "which); the last good checkpoint is ck/epoch3.pkl")
+
+
+def _train_worker(rank: int, port: int, overrides: dict, out_dir: str) -> None:
+    """train() as torchrun runs it, recording which process writes checkpoints."""
+    import accuvqa.train as train_module
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2",
+                      LOCAL_RANK=str(rank))
+    writes = []
+    real_save = train_module.save_run_checkpoint
+
+    def save(cfg, path, state):
+        writes.append(path.name)
+        if rank == 0:
+            time.sleep(0.5)  # a slow disk: the other process must wait for the file
+        return real_save(cfg, path, state)
+
+    train_module.save_run_checkpoint = save
+    summary = train_module.train(load_config(overrides=overrides))
+    on_disk = Path(summary["checkpoint"]).is_file()  # when train() returns, its last checkpoint exists
+    Path(out_dir, f"rank{rank}.json").write_text(json.dumps({"writes": writes, "on_disk": on_disk}))
+    dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_under_torchrun_only_the_first_process_writes_checkpoints_and_all_wait_for_them(layout, tmp_path):
+    cfg = _cfg(layout, tmp_path, "ranks", EVAL_EVERY_EPOCH=False, CKPT_EVERY_STEPS=5)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    overrides = {k: getattr(cfg, k) for k in dict.fromkeys([*TINY, *RUN, "DATASET_PATH", "FEATURE_PATH",
+                                                              "CKPTS_PATH", "RESULT_PATH", "VERSION",
+                                                              "EVAL_EVERY_EPOCH", "CKPT_EVERY_STEPS"])}
+    mp.start_processes(_train_worker, args=(port, overrides, str(tmp_path)), nprocs=2, join=True,
+                       start_method="spawn")
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert ranks[0]["writes"] == ["step5.pkl", "step10.pkl", "epoch1.pkl", "step15.pkl", "step20.pkl", "epoch2.pkl"]
+    assert ranks[1]["writes"] == []
+    assert ranks[0]["on_disk"] and ranks[1]["on_disk"]
+
+
+def test_a_batch_size_that_does_not_split_over_the_processes_is_one_error_before_any_process_waits(
+        layout, tmp_path, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    with pytest.raises(ConfigError, match=r"^BATCH_SIZE \(5\) must be divisible by the number of processes \(2\)"):
+        train(_cfg(layout, tmp_path, "odd", BATCH_SIZE=5))
+    assert not dist.is_initialized()  # it did not join (and wait for) a process group
+    monkeypatch.delenv("WORLD_SIZE")
+    monkeypatch.delenv("RANK")
+    with pytest.raises(ConfigError, match=r"^BATCH_SIZE \(5\) must be divisible by the number of processes \(2\)"):
+        cli_run(["train", "--nproc", "2", *_args(_cfg(layout, tmp_path, "odd", BATCH_SIZE=5))])  # before starting any
+
+
+@pytest.mark.parametrize("nproc", ["0", "-1"])
+def test_nproc_below_one_is_a_clear_error(nproc):
+    with pytest.raises(ConfigError, match=rf"^--nproc must be at least 1 \(the number of processes to train with\), "
+                                          rf"got {nproc}$"):
+        cli_run(["train", "--nproc", nproc])
+
+
+def test_the_launched_processes_get_the_command_line_less_nproc():
+    assert without_nproc(["train", "--nproc", "2", "--BATCH_SIZE", "8", "--nproc=4", "--VERSION", "a"]) == [
+        "train", "--BATCH_SIZE", "8", "--VERSION", "a"]
+
+
+@pytest.mark.parametrize("value", ["1", "x:3", "1:3:explode", "1:2:3:4"])
+def test_a_malformed_failure_drill_is_named(value, monkeypatch):
+    monkeypatch.setenv("ACCUVQA_FAIL_AT", value)
+    with pytest.raises(ConfigError, match=rf"^ACCUVQA_FAIL_AT='{value}': expected RANK:UPDATE or RANK:UPDATE:kill"):
+        setup_runtime(load_config(overrides={"NUM_THREADS": 1}))

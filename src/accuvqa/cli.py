@@ -33,7 +33,9 @@ class Command(NamedTuple):
 COMMANDS: dict[str, Command] = {
     "prepare": Command("accuvqa.prepare:main", "write the bundled easy-VQA data in the VQA v2 layout "
                        "(DATASET easyvqa), or check a VQA v2 tree (DATASET vqa)"),
-    "train": Command("accuvqa.train:main", "train a model; checkpoint and evaluate after each epoch"),
+    "train": Command("accuvqa.train:main", "train a model; checkpoint and evaluate after each epoch", (
+        ("--nproc", {"type": int, "metavar": "N", "help": "train in N processes on this machine (torchrun "
+                     "--standalone --nproc_per_node N); BATCH_SIZE stays the effective batch over all"}),)),
     "val": Command("accuvqa.evaluate:main", "evaluate a checkpoint on the val split"),
     "test": Command("accuvqa.evaluate:main", "predict the test split and write the submission file"),
     "predict": Command("accuvqa.predict:main", "answer one question about one image", (
@@ -119,6 +121,10 @@ def run(argv: Sequence[str] | None = None) -> int:
     stderr.setLevel(logging.INFO if cfg.VERBOSE else logging.WARNING)
     logging.basicConfig(level=logging.INFO if cfg.VERBOSE else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S", handlers=[stderr])
+    if getattr(args, "nproc", None) is not None:  # train --nproc N: the same command in N processes
+        from accuvqa.runtime import launch, without_nproc
+
+        return launch(args.nproc, without_nproc(argv), cfg)
     module, function = COMMANDS[args.command].target.split(":")
     return getattr(importlib.import_module(module), function)(cfg, args)
 

@@ -28,6 +28,7 @@ class Config:
     DEVICE: str = "auto"  # auto | cpu | cuda | cuda:N
     GPU: str = "0"
     NUM_THREADS: int = 0  # CPU threads for torch; 0 keeps torch's default
+    DIST_TIMEOUT: int = 600  # seconds a collective waits for the other processes before the job fails
     VERBOSE: bool = True
 
     # --- data
@@ -272,7 +273,7 @@ def _validate(cfg: Config, sources: Mapping[str, str]) -> None:
     for key in ("NUM_WORKERS", "CKPT_EVERY_STEPS", "KEEP_CKPTS"):
         if getattr(cfg, key) < 0:
             raise ConfigError(f"{key} must be >= 0, got {getattr(cfg, key)}{where(key)}")
-    require_positive(cfg, ["MAX_BAD_UPDATES", "LOG_EVERY_STEPS"], where)
+    require_positive(cfg, ["MAX_BAD_UPDATES", "LOG_EVERY_STEPS", "DIST_TIMEOUT"], where)
 
 
 def _validate_optimizer(cfg: Config, where: Callable[[str], str]) -> None:

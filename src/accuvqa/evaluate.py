@@ -1,4 +1,9 @@
-"""Evaluation: predict a split, score it with the official VQA accuracy, log metrics; `val` and `test`."""
+"""Evaluation: predict a split, score it with the official VQA accuracy, log metrics; `val` and `test`.
+
+Under torchrun every process predicts a share of the split's batches (the same batches as one
+process, so the same numbers bit for bit); the first process gathers them, scores, and writes the
+files once.
+"""
 
 from __future__ import annotations
 
@@ -21,30 +26,39 @@ from accuvqa.files import append_jsonl, write_json_atomic
 from accuvqa.metrics import evaluate as vqa_evaluate
 from accuvqa.models import model_inputs
 from accuvqa.runlog import append_log, progress
-from accuvqa.runtime import setup_runtime, to_device
+from accuvqa.runtime import Runtime, gather, rank_failures, setup_runtime, shard, to_device
 
 
 @torch.no_grad()
 def predict_dataset(model: torch.nn.Module, dataset: VQADataset, cfg: Config, device: torch.device,
-                    desc: str = "eval") -> tuple[np.ndarray, np.ndarray, float]:
-    """Top answer index and its score for every question, and the mean summed-BCE loss per sample."""
+                    desc: str = "eval", rt: Runtime | None = None) -> tuple[np.ndarray, np.ndarray, float]:
+    """Top answer index and its score for every question, and the mean summed-BCE loss per sample.
+
+    With `rt` of several processes, each predicts every world_size-th batch and all of them get
+    the whole split's result (a collective: every process must call it).
+    """
     model.eval()
     batches = eval_batches(len(dataset), cfg.BATCH_SIZE)
-    top_ix = np.zeros(len(dataset), dtype=np.int64)
-    top_score = np.zeros(len(dataset), dtype=np.float32)
-    loss_total = torch.zeros((), dtype=torch.float64)
-    for batch in progress(batch_loader(dataset, batches, cfg), total=len(batches), desc=desc, leave=False,
-                          every=cfg.LOG_EVERY_STEPS, disable=not cfg.VERBOSE):
-        index = batch["index"].numpy()
+    mine = shard(batches, rt) if rt is not None else batches
+    done = []  # (question indices, top answer index, its score, summed loss) per batch
+    for batch in progress(batch_loader(dataset, mine, cfg), total=len(mine), desc=desc, leave=False,
+                          every=cfg.LOG_EVERY_STEPS, disable=not cfg.VERBOSE or (rt is not None and not rt.is_main)):
         inputs = to_device(batch, device)
         logits = model(*model_inputs(cfg, inputs)).float()
-        loss_total += F.binary_cross_entropy_with_logits(
-            logits, inputs["answer_scores"], reduction="sum").double().cpu()
+        loss = F.binary_cross_entropy_with_logits(logits, inputs["answer_scores"], reduction="sum")
         score, ix = torch.sigmoid(logits).max(dim=1)
-        top_ix[index] = ix.cpu().numpy()
-        top_score[index] = score.cpu().numpy()
+        done.append((batch["index"].numpy(), ix.cpu().numpy(), score.cpu().numpy(), float(loss.double())))
     model.train()
-    return top_ix, top_score, float(loss_total) / max(len(dataset), 1)
+    if rt is not None and rt.world_size > 1:
+        shares = gather(done, rt)  # shares[r][i] is batch r + i * world_size
+        done = [shares[b % rt.world_size][b // rt.world_size] for b in range(len(batches))]
+    top_ix = np.zeros(len(dataset), dtype=np.int64)
+    top_score = np.zeros(len(dataset), dtype=np.float32)
+    for index, ix, score, _ in done:
+        top_ix[index], top_score[index] = ix, score
+    # summed in batch order, as one process sums: the same float64 total whatever the process count
+    loss_total = sum((loss for *_, loss in done), start=0.0)
+    return top_ix, top_score, loss_total / max(len(dataset), 1)
 
 
 def score_predictions(records: Sequence[QuestionRecord] | QuestionArrays, answers: Sequence[str]) -> dict[str, Any]:
@@ -77,10 +91,14 @@ def record_metrics(cfg: Config, split: str, epoch: int, step: int | None, result
 
 def evaluate_split(cfg: Config, model: torch.nn.Module, dataset: VQADataset, vocab: Vocab,
                    device: torch.device, split: str, epoch: int, step: int,
-                   train: Mapping[str, float] | None = None) -> dict[str, Any] | None:
-    """Evaluate on a split with annotations, log a metrics line (with `train` figures); None when it has no answers."""
-    top_ix, _, loss = predict_dataset(model, dataset, cfg, device, desc=f"eval {split}")
-    if not dataset.questions.annotated.all():
+                   rt: Runtime | None = None, train: Mapping[str, float] | None = None) -> dict[str, Any] | None:
+    """Evaluate on a split with annotations, log a metrics line (with `train` figures); None when it has no answers.
+
+    With `rt` of several processes: every process must call it; each predicts its share, and the
+    first one scores, logs and returns the line (the others return None).
+    """
+    top_ix, _, loss = predict_dataset(model, dataset, cfg, device, desc=f"eval {split}", rt=rt)
+    if not dataset.questions.annotated.all() or (rt is not None and not rt.is_main):
         return None
     ix_to_ans = vocab.ix_to_ans
     result = score_predictions(dataset.questions, [ix_to_ans[i] for i in top_ix])
@@ -88,17 +106,23 @@ def evaluate_split(cfg: Config, model: torch.nn.Module, dataset: VQADataset, voc
 
 
 def run_eval(cfg: Config, split: str) -> dict[str, Any]:
-    """`val` or `test`: evaluate a checkpoint; write predictions; return accuracy when answers exist."""
+    """`val` or `test`: evaluate a checkpoint; write predictions; return accuracy when answers exist.
+
+    Under torchrun the processes share the predicting; the first writes the files and the metrics
+    line, and only its summary holds their names and the accuracy.
+    """
     rt = setup_runtime(cfg)
     model, vocab, path, epoch = load_trained(cfg, rt.device)
     has_answers = annotation_file(cfg.DATASET_PATH, split).is_file()
     dataset = make_dataset(cfg, load_questions(cfg, split, need_answers=split == "val"), vocab)
     records = dataset.questions
-    top_ix, top_score, loss = predict_dataset(model, dataset, cfg, rt.device, desc=f"eval {split}")
+    top_ix, top_score, loss = predict_dataset(model, dataset, cfg, rt.device, desc=f"eval {split}", rt=rt)
+    summary: dict[str, Any] = {"checkpoint": str(path), "split": split, "questions": len(records)}
+    if not rt.is_main:
+        return summary
     ix_to_ans = vocab.ix_to_ans
     answers = [ix_to_ans[i] for i in top_ix]
     out_dir = Path(cfg.RESULT_PATH) / cfg.run_version
-    summary: dict[str, Any] = {"checkpoint": str(path), "split": split, "questions": len(records)}
     if split == "test":
         submission = [{"question_id": q, "answer": a} for q, a in zip(records.question_id.tolist(), answers)]
         summary["submission"] = str(write_json_atomic(out_dir / "result_test.json", submission))
@@ -117,7 +141,10 @@ def main(cfg: Config, args: argparse.Namespace) -> int:
     """`accuvqa val` / `accuvqa test`: print the evaluation's table."""
     from accuvqa.cli import print_table
 
-    s = run_eval(cfg, args.command)
+    with rank_failures():
+        s = run_eval(cfg, args.command)
+    if torch.distributed.is_initialized() and torch.distributed.get_rank() != 0:
+        return 0
     rows: dict[str, Any] = {"checkpoint": s["checkpoint"], "questions": s["questions"]}
     if "accuracy" in s:
         rows["accuracy"] = f"{s['accuracy']:.2f}%"

@@ -1,21 +1,30 @@
-"""Where a run executes: device, threads, seeds, the process group under torchrun, mixed precision, signals."""
+"""Where a run executes: device, threads, seeds, the process group under torchrun (its timeout, its
+shards, its failures, the `--nproc` launcher), mixed precision, signals."""
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import re
 import signal
 import threading
+import time
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Mapping
+from datetime import timedelta
+from typing import Any, Callable, Iterator, Mapping, Sequence, TypeVar
 
 import numpy as np
 import torch
 
 from accuvqa.config import Config, check_batch_split
-from accuvqa.errors import ConfigError
+from accuvqa.errors import AccuvqaError, ConfigError
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+FAIL_AT = "ACCUVQA_FAIL_AT"  # a rehearsed failure of one process: RANK:UPDATE[:kill] (see failure_drill)
 
 
 @dataclass
@@ -25,6 +34,7 @@ class Runtime:
     device: torch.device
     rank: int = 0
     world_size: int = 1
+    fail_at: tuple[int, str] | None = None  # (update, "raise" | "kill"): this process's rehearsed failure
 
     @property
     def is_main(self) -> bool:
@@ -32,12 +42,22 @@ class Runtime:
         return self.rank == 0
 
 
+def process_place() -> tuple[int, int]:
+    """(rank, world size) of this process, as torchrun announces them; (0, 1) outside torchrun."""
+    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+
+
 def setup_runtime(cfg: Config) -> Runtime:
-    """Pick the device, set threads and seeds, and join the process group under torchrun."""
+    """Pick the device, set threads and seeds, and join the process group under torchrun.
+
+    A collective (gradient all-reduce, barrier, gathering predictions) that waits more than
+    DIST_TIMEOUT seconds for another process fails, so a process that hangs ends the job.
+    """
     if cfg.NUM_THREADS > 0:
         torch.set_num_threads(cfg.NUM_THREADS)
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
+    rank, world_size = process_place()
+    check_batch_split(cfg, world_size)  # before joining: every process says it, none waits for the others
+    fail_at = _failure_drill_of(rank)
     if cfg.DEVICE == "auto":
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     else:
@@ -49,11 +69,112 @@ def setup_runtime(cfg: Config) -> Runtime:
             device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         torch.cuda.set_device(device)
     if world_size > 1 and not torch.distributed.is_initialized():
-        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    check_batch_split(cfg, world_size)
+        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                                             timeout=timedelta(seconds=cfg.DIST_TIMEOUT))
     torch.manual_seed(cfg.SEED)
     np.random.seed(cfg.SEED % 2**32)
-    return Runtime(device=device, rank=rank, world_size=world_size)
+    return Runtime(device=device, rank=rank, world_size=world_size, fail_at=fail_at)
+
+
+# ----------------------------------------------------------------------------- shards
+
+def shard(items: Sequence[T], rt: Runtime) -> Sequence[T]:
+    """This process's share of `items`: every world_size-th one from its rank (all of them in one process)."""
+    return items[rt.rank::rt.world_size]
+
+
+def gather(value: T, rt: Runtime) -> list[T]:
+    """`value` from every process, in rank order (a collective: every process must call it)."""
+    if rt.world_size == 1:
+        return [value]
+    values: list[Any] = [None] * rt.world_size
+    torch.distributed.all_gather_object(values, value)
+    return values
+
+
+# ----------------------------------------------------------------------------- failures
+
+class PeerFailure(AccuvqaError):
+    """A collective could not complete: another process of the job failed, was killed, or hangs."""
+
+
+def _failure_drill_of(rank: int) -> tuple[int, str] | None:
+    """(update, how) when ACCUVQA_FAIL_AT names this process; ConfigError for a malformed value."""
+    spec = os.environ.get(FAIL_AT, "").strip()
+    if not spec:
+        return None
+    parts = spec.split(":")
+    how = parts[2] if len(parts) == 3 else "raise"
+    if len(parts) not in (2, 3) or not all(p.isdigit() for p in parts[:2]) or how not in ("raise", "kill"):
+        raise ConfigError(f"{FAIL_AT}={spec!r}: expected RANK:UPDATE or RANK:UPDATE:kill, e.g. 1:5 "
+                          f"(process 1 raises an error at update 5); unset it to train normally")
+    return (int(parts[1]), how) if int(parts[0]) == rank else None
+
+
+def failure_drill(rt: Runtime, step: int) -> None:
+    """Fail as ACCUVQA_FAIL_AT asks, at update `step`: raise a RuntimeError, or kill this process
+    (SIGKILL, as the out-of-memory killer does). A rehearsal: does the job end, and does its last
+    checkpoint resume? (docs/distributed.md)"""
+    if rt.fail_at is None or rt.fail_at[0] != step:
+        return
+    if rt.fail_at[1] == "kill":
+        os.kill(os.getpid(), signal.SIGKILL)
+    raise RuntimeError(f"failure drill ({FAIL_AT}): rank {rt.rank} fails at update {step}")
+
+
+def _is_collective_failure(error: BaseException) -> bool:
+    """True for torch.distributed's errors: a peer's connection closed or reset, a collective timed out."""
+    return isinstance(error, torch.distributed.DistError) or (
+        isinstance(error, RuntimeError) and any(w in str(error) for w in ("gloo", "NCCL", "c10d")))
+
+
+def _report_to_launcher(message: str, consequence: bool = False) -> None:
+    """Leave `message` where torchrun's failure summary reads it (TORCHELASTIC_ERROR_FILE).
+
+    torchrun names as root cause the failure with the earliest time, in whole seconds (the lowest
+    rank on a tie): a `consequence` of another process's failure is dated one second later.
+    """
+    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if path:
+        try:
+            with open(path, "w") as f:
+                json.dump({"message": message, "timestamp": int(time.time()) + int(consequence)}, f)
+        except OSError:
+            pass  # the summary then says less; the message is on stderr all the same
+
+
+def _first_sentence(error: BaseException) -> str:
+    """torch.distributed's message without its source location: 'Connection closed by peer [host]:port'."""
+    text = re.sub(r"^\[[^\]]*\]\s*", "", str(error).strip())  # "[.../gloo/.../pair.cc:553] "
+    return re.split(r"\.(?:\s|$)", text, maxsplit=1)[0].strip() or type(error).__name__
+
+
+@contextmanager
+def rank_failures(last_checkpoint: Callable[[], Any] = lambda: None) -> Iterator[None]:
+    """In one process of several: the error that ends it names the process (`rank R of W: ...`) and
+    reaches torchrun's failure summary; a failed collective becomes one PeerFailure naming the last
+    good checkpoint. Outside torchrun: nothing changes."""
+    rank, world_size = process_place()
+    if world_size == 1:
+        yield
+        return
+    where = f"rank {rank} of {world_size}"
+    try:
+        yield
+    except AccuvqaError as e:
+        e.args = (f"{where}: {e.args[0] if e.args else e}", *e.args[1:])
+        _report_to_launcher(str(e))
+        raise
+    except Exception as e:
+        if not _is_collective_failure(e):
+            _report_to_launcher(f"{where}: {type(e).__name__}: {e}")
+            raise
+        error = PeerFailure(
+            f"{where}: a collective operation failed ({_first_sentence(e)}): another process failed, was killed, or "
+            f"hung for DIST_TIMEOUT seconds (its own message and the launcher's summary say which); "
+            f"the last good checkpoint is {last_checkpoint() or 'none'}")
+        _report_to_launcher(str(error), consequence=True)
+        raise error from e
 
 
 def mixed_precision(cfg: Config, device: torch.device) -> dict[str, Any]:
@@ -116,3 +237,76 @@ class StopRequest:
             if asked and self.signum is None:
                 self.signum = signal.SIGTERM  # another process was signalled
         return asked
+
+
+# ----------------------------------------------------------------------------- the launcher
+
+class JobFailed(AccuvqaError):
+    """A process of a job started by `--nproc` failed: the job ends with that process's exit code."""
+
+    def __init__(self, message: str, exit_code: int) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+def without_nproc(argv: Sequence[str]) -> list[str]:
+    """The command line less its `--nproc N` (or `--nproc=N`): what each launched process runs."""
+    kept: list[str] = []
+    skip = False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "--nproc":
+            skip = True
+        elif not arg.startswith("--nproc="):
+            kept.append(arg)
+    return kept
+
+
+def launch(nproc: int, argv: Sequence[str], cfg: Config) -> int:
+    """`accuvqa train --nproc N ...`: the same command in N processes on this machine, through
+    torchrun's launcher (`torchrun --standalone --nproc_per_node N -m accuvqa ...`).
+
+    When a process fails, the launcher stops the others (SIGTERM, SIGKILL 30 s later) and this
+    raises JobFailed naming the process that failed first, how, and the last good checkpoint.
+    """
+    if nproc < 1:
+        raise ConfigError(f"--nproc must be at least 1 (the number of processes to train with), got {nproc}")
+    if process_place()[1] > 1:
+        raise ConfigError("--nproc starts its own processes: under torchrun (or another launcher) leave it out")
+    check_batch_split(cfg, nproc)
+    from accuvqa.cli import run  # a cycle at import time otherwise: the cli imports the commands' modules
+
+    if nproc == 1:
+        return run(list(argv))
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import parse_args
+    from torch.distributed.run import run as torchrun
+
+    from accuvqa.checkpoint import latest_checkpoint
+
+    # torchrun sets 1 thread per process (with a warning) when OMP_NUM_THREADS is unset: share the cores
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
+    logging.getLogger("torch.distributed.elastic").setLevel(logging.WARNING)
+    args = parse_args(["--standalone", "--nproc_per_node", str(nproc), "-m", "accuvqa", *argv])
+    try:
+        torchrun(args)
+    except SignalException as e:  # the launcher was signalled: the processes got the same signal
+        return 128 + int(e.sigval)
+    except ChildFailedError as e:
+        rank, failure = e.get_first_failure()
+        if failure.exitcode < 0:
+            name = failure.signal_name()
+            how = f"rank {rank} of {nproc} was killed by {name}" + (
+                " (often the out-of-memory killer, see dmesg)" if name == "SIGKILL" else "")
+            code = 128 - failure.exitcode
+        else:
+            said = failure.message if isinstance(failure.message, str) and failure.message.startswith("rank ") else ""
+            how = said or f"rank {rank} of {nproc} exited with code {failure.exitcode} (its message is above)"
+            code = failure.exitcode
+        last = latest_checkpoint(cfg.CKPTS_PATH, cfg.run_version)
+        raise JobFailed(f"{how}; the other processes were stopped; the last good checkpoint is {last or 'none'}"
+                        + ("; continue with --RESUME True (on any number of processes)" if last else ""),
+                        code) from None
+    return 0

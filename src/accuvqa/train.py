@@ -34,7 +34,8 @@ from accuvqa.errors import ConfigError, DataError, Stopped
 from accuvqa.evaluate import evaluate_split, record_metrics
 from accuvqa.models import build_model, model_inputs
 from accuvqa.runlog import RunLog, append_log, progress
-from accuvqa.runtime import Runtime, StopRequest, mixed_precision, setup_runtime, to_device, unwrap
+from accuvqa.runtime import (Runtime, StopRequest, failure_drill, mixed_precision, rank_failures, setup_runtime,
+                             to_device, unwrap)
 
 log = logging.getLogger(__name__)
 
@@ -157,6 +158,7 @@ def train(cfg: Config) -> dict[str, Any]:
                 lr = lr_at(cfg, pos.step, epoch, updates_per_epoch)
                 for group in accumulator.optimizer.param_groups:
                     group["lr"] = lr
+                failure_drill(rt, pos.step)  # ACCUVQA_FAIL_AT: a rehearsed crash of one process
                 result = accumulator.step(to_device(batch, rt.device), loss_fn)
                 if result.skipped:  # its loss is inf/NaN: kept out of the running mean
                     pos.bad_updates = _count_bad_update(cfg, pos, epoch, accumulator)
@@ -190,9 +192,10 @@ def train(cfg: Config) -> dict[str, Any]:
                          model, accumulator, vocab, pos, epoch)
             if rt.is_main and eval_set is None:
                 record_metrics(cfg, "train", epoch + 1, pos.step, None, None, epoch_train)
-            if rt.is_main and eval_set is not None:
+            if eval_set is not None:  # every process predicts its share; the first scores and logs
                 last_eval = evaluate_split(cfg, unwrap(model), eval_set, vocab, rt.device, "val", epoch + 1, pos.step,
-                                           epoch_train)
+                                           rt, epoch_train)
+            if rt.is_main and last_eval is not None:
                 runlog.evaluation(last_eval)
                 msg += f"; val accuracy {last_eval['accuracy']:.2f}% (" + ", ".join(
                     f"{k} {v:.2f}" for k, v in sorted(last_eval["per_answer_type"].items())) + ")"
@@ -253,7 +256,8 @@ def main(cfg: Config, args: argparse.Namespace) -> int:
     """`accuvqa train`: train, then print a summary (under torchrun, on the first process only)."""
     from accuvqa.cli import print_table
 
-    s = train(cfg)
+    with rank_failures(lambda: latest_checkpoint(cfg.CKPTS_PATH, cfg.run_version)):
+        s = train(cfg)
     if torch.distributed.is_initialized() and torch.distributed.get_rank() != 0:
         return 0
     append_log(cfg, print_table(f"training done: run {s['version']}", {
