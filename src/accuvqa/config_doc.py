@@ -60,6 +60,7 @@ COMMON: dict[str, tuple[str, str]] = {
     "GPU": ("run", "mcan-vqa's GPU list (CUDA_VISIBLE_DEVICES)"),
     "NUM_THREADS": ("run", "CPU threads for torch (0: torch's default)"),
     "VERBOSE": ("run", "print progress and log lines"),
+    "DIST_TIMEOUT": ("run", "seconds a collective waits for the other processes before the job fails"),
     "LOG_EVERY_STEPS": ("run", "updates (and evaluation batches) between progress lines off a terminal "
                                "and between TensorBoard training points"),
     "CKPTS_PATH": ("run", "folder of the checkpoints (ckpt_<VERSION>/epoch<N>.pkl)"),
