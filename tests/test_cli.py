@@ -7,6 +7,8 @@ import pytest
 
 from accuvqa.checkpoint import load_checkpoint
 from accuvqa.cli import COMMANDS
+from accuvqa.config import list_presets
+from accuvqa.models import list_models
 from conftest import ROOT, TINY, cli_overrides, run_cli
 
 
@@ -69,9 +71,10 @@ def test_cli_trains_evaluates_tests_and_predicts_on_a_slice(easyvqa_slice, tmp_p
     (["train", "--BATCH_SIZE", "4", "--GRAD_ACCU_STEPS", "5"], "larger than the per-process batch"),
     (["val", "--DATASET_PATH", "nowhere", "--CKPT_PATH", "missing.pkl"], "checkpoint missing.pkl does not exist"),
     (["train", "--DATASET_PATH", "nowhere"], "missing train question file nowhere/v2_OpenEnded_mscoco_train2014"),
-    (["train", "--MODEL_USE", "nosuch"], "MODEL_USE 'nosuch' is not a registered model; registered: mcan"),
+    (["train", "--MODEL_USE", "nosuch"],
+     "MODEL_USE 'nosuch' is not a registered model; registered: " + ", ".join(list_models())),
     (["train", "--OPT", "Nope"], "OPT 'Nope' (from --OPT) is not a torch.optim optimizer"),
-    (["train", "--config", "nosuch"], "no config preset 'nosuch': a file path or one of easyvqa, large, small"),
+    (["train", "--config", "nosuch"], "no config preset 'nosuch': a file path or one of " + ", ".join(list_presets())),
 ])
 def test_cli_bad_input_is_one_line_and_exit_code_2(tmp_path, args, message):
     r = run_cli(*args, cwd=tmp_path)

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from accuvqa.cli import _parser, parse_overrides
-from accuvqa.config import PRESETS, load_config
+from accuvqa.config import PRESETS, list_presets, load_config
 from accuvqa.errors import ConfigError
 from accuvqa.legacy import translate_argv
 
@@ -64,7 +64,8 @@ def test_translated_line_loads_the_same_config_as_the_native_one():
 
 @pytest.mark.parametrize("argv,message", [
     (["--RUN=eval"], "--RUN must be train, val or test"),
-    (["--RUN=val", "--MODEL=huge"], "--MODEL huge: no packaged preset 'huge' \\(presets: easyvqa, large, small\\)"),
+    (["--RUN=val", "--MODEL=huge"],
+     "--MODEL huge: no packaged preset 'huge' \\(presets: " + ", ".join(list_presets()) + "\\)"),
     (["val", "--RUN=val"], "give either --RUN or a command"),
     (["--RUN=val", "--MODEL=small", "--config", "x.yml"], "give either --MODEL or --config"),
 ])

@@ -43,6 +43,9 @@ def make_inputs(cfg: SimpleNamespace, batch: int = 3, n: int = 5, t: int = 4) ->
 TINY_KEYS: dict[str, dict[str, object]] = {
     "mcan": dict(LAYER=2, HIDDEN_SIZE=16, MULTI_HEAD=4, FF_SIZE=32, DROPOUT_R=0.1, FLAT_MLP_SIZE=16,
                  FLAT_GLIMPSES=2, FLAT_OUT_SIZE=24),
+    "mfb": dict(HIDDEN_SIZE=16, MFB_K=3, MFB_O=8, LSTM_OUT_SIZE=12, DROPOUT_R=0.1, I_GLIMPSES=2, Q_GLIMPSES=2),
+    "mfh": dict(HIDDEN_SIZE=16, MFB_K=3, MFB_O=8, LSTM_OUT_SIZE=12, DROPOUT_R=0.1, I_GLIMPSES=2, Q_GLIMPSES=2),
+    "butd": dict(HIDDEN_SIZE=16, DROPOUT_R=0.2, CLASSIFER_DROPOUT_R=0.5, FLAT_OUT_SIZE=24),
 }
 TINY_COMMON = dict(IMG_FEAT_SIZE=10, WORD_EMBED_SIZE=8, MAX_TOKEN=6, IMG_FEAT_PAD_SIZE=7, BATCH_SIZE=8)
 REGIONS, TOKENS = 5, 4  # unpadded lengths of the contract batches
