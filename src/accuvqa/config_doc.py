@@ -51,6 +51,8 @@ COMMON: dict[str, tuple[str, str]] = {
     "OPT_PARAMS": ("training", "keyword arguments of OPT, e.g. {weight_decay: 0.01}"),
     "OPT_BETAS": ("training", "betas of optimizers that take them, unless OPT_PARAMS sets them"),
     "OPT_EPS": ("training", "eps of optimizers that take it, unless OPT_PARAMS sets it"),
+    "LOSS_FUNC": ("training", "bce (sigmoid per answer) or kld (KL divergence of the log-softmax from the "
+                              "soft scores normalised to sum 1)"),
     "MAX_BAD_UPDATES": ("training", "stop after this many updates in a row with a non-finite loss or gradient"),
     "EVAL_EVERY_EPOCH": ("training", "evaluate on the val split after every epoch (when it has answers)"),
     # run
@@ -74,8 +76,27 @@ COMMON: dict[str, tuple[str, str]] = {
     "CKPT_PATH": ("run", "load this checkpoint file instead (an original mcan-vqa one too)"),
 }
 
+_MFB = {
+    "HIGH_ORDER": "False: MFB, one factorised bilinear block; True: MFH, two blocks in cascade",
+    "HIDDEN_SIZE": "width of the question and image attention MLPs",
+    "MFB_K": "factor k of the factorised bilinear pooling (sum-pooling window)",
+    "MFB_O": "output size o of each bilinear block",
+    "LSTM_OUT_SIZE": "hidden size of the question LSTM",
+    "DROPOUT_R": "dropout rate",
+    "I_GLIMPSES": "glimpses of the image attention",
+    "Q_GLIMPSES": "glimpses of the question attention",
+}
+
 # model name -> {key: meaning}; every registered model's keys
 MODELS: dict[str, dict[str, str]] = {
+    "butd": {
+        "HIDDEN_SIZE": "hidden size of the question LSTM and the attention",
+        "DROPOUT_R": "dropout rate of the attention",
+        "CLASSIFER_DROPOUT_R": "dropout rate of the classifier (openvqa's spelling)",
+        "FLAT_OUT_SIZE": "size of the joint question-image vector the classifier reads",
+    },
+    "mfb": _MFB,
+    "mfh": _MFB,
     "mcan": {
         "LAYER": "encoder (SA) and decoder (SGA) layers, each",
         "HIDDEN_SIZE": "width of every attention layer",
