@@ -20,17 +20,20 @@ from accuvqa.data.records import VG_FOLDERS, QuestionRecord
 from accuvqa.data.store import open_stores
 from accuvqa.data.vocab import Vocab
 from accuvqa.errors import AccuvqaError, DataError
+from accuvqa.models import model_spec
 
 
 def make_dataset(cfg: Config, records: Sequence[QuestionRecord], vocab: Vocab) -> VQADataset:
     """A dataset over `records` whose features come from the folders those splits use: their packed
-    stores when every folder has a current one, the per-image `.npz` files otherwise."""
+    stores when every folder has a current one, the per-image `.npz` files otherwise. Its batches carry
+    region boxes (`bbox`) when the configured model's inputs name them."""
     folders = {r.folder for r in records if r.folder}
     if not folders or any(not r.folder for r in records):
         folders |= set(VG_FOLDERS)
     files = index_features(cfg.FEATURE_PATH, sorted(folders))
     features = open_stores(cfg.FEATURE_PATH, sorted(folders), cfg.IMG_FEAT_SIZE) or files
-    return VQADataset(cfg, records, vocab.token_to_ix, vocab.ans_to_ix, features)
+    boxes = "bbox" in model_spec(cfg.MODEL_USE).inputs  # region boxes only for a model that reads them
+    return VQADataset(cfg, records, vocab.token_to_ix, vocab.ans_to_ix, features, boxes=boxes)
 
 
 def epoch_batches(n_samples: int, cfg: Config, epoch: int, rt: Any) -> list[np.ndarray]:
