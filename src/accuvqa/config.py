@@ -56,6 +56,7 @@ class Config:
     BATCH_SIZE: int = 64
     GRAD_ACCU_STEPS: Union[int, str] = 1  # or "auto": double on out-of-memory
     LOSS_REDUCTION: str = "sum"  # sum (MCAN) | mean
+    LOSS_FUNC: str = "bce"  # bce (MCAN) | kld: KL divergence of the log-softmax from the normalised soft scores
     AMP: str = "off"  # off | bf16 (autocast) | fp16 (autocast + GradScaler; CUDA)
     MAX_EPOCH: int = 13
     LR_BASE: float = 0.0001
@@ -241,6 +242,13 @@ def require_positive(obj: Any, keys: Sequence[str], where: Callable[[str], str])
             raise ConfigError(f"{key} must be a positive integer, got {getattr(obj, key)}{where(key)}")
 
 
+def require_rate(obj: Any, keys: Sequence[str], where: Callable[[str], str]) -> None:
+    """ConfigError naming the first of `keys` (dropout rates) whose value on `obj` is not in [0, 1)."""
+    for key in keys:
+        if not 0.0 <= getattr(obj, key) < 1.0:
+            raise ConfigError(f"{key} must be in [0, 1), got {getattr(obj, key)}{where(key)}")
+
+
 def _validate(cfg: Config, sources: Mapping[str, str]) -> None:
     def where(key: str) -> str:
         return f" (from {sources[key]})" if key in sources else ""
@@ -262,6 +270,8 @@ def _validate(cfg: Config, sources: Mapping[str, str]) -> None:
     _validate_optimizer(cfg, where)
     if cfg.LOSS_REDUCTION not in ("sum", "mean"):
         raise ConfigError(f"LOSS_REDUCTION must be 'sum' or 'mean', got {cfg.LOSS_REDUCTION!r}")
+    if cfg.LOSS_FUNC not in ("bce", "kld"):
+        raise ConfigError(f"LOSS_FUNC must be 'bce' or 'kld', got {cfg.LOSS_FUNC!r}{where('LOSS_FUNC')}")
     if cfg.AMP not in ("off", "bf16", "fp16"):
         raise ConfigError(f"AMP must be off, bf16 or fp16, got {cfg.AMP!r}{where('AMP')}")
     if cfg.DATASET not in ("vqa", "easyvqa"):

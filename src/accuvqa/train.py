@@ -60,12 +60,19 @@ def lr_at(cfg: Config, update: int, epoch: int, updates_per_epoch: float) -> flo
 
 
 def make_loss_fn(cfg: Config) -> Callable[[torch.nn.Module, dict], tuple[torch.Tensor, int]]:
-    """MCAN's loss: BCE-with-logits on soft answer scores, summed; items counted for `mean`."""
+    """The LOSS_FUNC loss, summed over the batch; items counted for `mean`. bce (MCAN): BCE-with-logits
+    on the soft answer scores; kld (openvqa's MFB/MFH): KL divergence of the log-softmax of the
+    logits from the soft scores normalised to sum 1 per question."""
 
     def loss_fn(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
         logits = model(*model_inputs(cfg, batch))
         target = batch["answer_scores"]
-        loss_sum = F.binary_cross_entropy_with_logits(logits, target, reduction="sum")
+        if cfg.LOSS_FUNC == "kld":
+            # a question with no answer in the dictionary keeps an all-zero target: it adds nothing
+            answer_dist = target / target.sum(dim=1, keepdim=True).clamp_min(1e-12)
+            loss_sum = F.kl_div(F.log_softmax(logits, dim=1), answer_dist, reduction="sum")
+        else:
+            loss_sum = F.binary_cross_entropy_with_logits(logits, target, reduction="sum")
         # sum: the loss is a sum over samples and answers; mean: over every (sample, answer) item.
         return loss_sum, (target.numel() if cfg.LOSS_REDUCTION == "mean" else target.shape[0])
 

@@ -1,0 +1,142 @@
+"""The models ported from openvqa match openvqa's own outputs (tests/data/make_openvqa_reference.py),
+and the KL-divergence loss (LOSS_FUNC kld) that MFB and MFH train with."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from accuvqa.check import check_equivalence, dropout_off
+from accuvqa.config import load_config
+from accuvqa.errors import ConfigError
+from accuvqa.models import build_model, model_inputs, model_spec
+from accuvqa.train import make_loss_fn
+
+REFERENCES = Path(__file__).parent / "data" / "openvqa_reference"
+# one stored reference per case (tests/data/make_openvqa_reference.py CASES); a new model adds its case
+CASES = ["mfb", "mfh", "butd"]
+
+
+def load_reference(case: str) -> dict:
+    """The stored openvqa run of `case`."""
+    return torch.load(REFERENCES / f"{case}.pt", weights_only=True)
+
+
+def test_every_stored_reference_is_tested() -> None:
+    assert sorted(p.stem for p in REFERENCES.glob("*.pt")) == sorted(CASES)
+
+
+def unpadded(inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The inputs cut to the longest real region / question, as accuvqa's loader pads a batch."""
+    regions = int((inputs["img_feat"].abs().sum(-1) != 0).sum(1).max())
+    tokens = int((inputs["ques_ix"] != 0).sum(1).max())
+    out = dict(inputs)
+    out["img_feat"], out["ques_ix"] = inputs["img_feat"][:, :regions], inputs["ques_ix"][:, :tokens]
+    if "bbox" in inputs:
+        out["bbox"] = inputs["bbox"][:, :regions]
+    return out
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_matches_openvqa(case: str) -> None:
+    """openvqa's state_dict loads strictly; the logits equal openvqa's for its fixed-size padded batch
+    and for the same batch padded only to its longest item."""
+    ref = load_reference(case)
+    cfg = load_config(overrides={"MODEL_USE": ref["model"], **ref["keys"]})
+    model = build_model(cfg, ref["token_size"], ref["answer_size"])
+    model.load_state_dict(ref["state_dict"], strict=True)
+    model.eval()
+    short = unpadded(ref["inputs"])
+    assert short["ques_ix"].shape[1] < ref["inputs"]["ques_ix"].shape[1]  # the cuts are exercised
+    assert short["img_feat"].shape[1] < ref["inputs"]["img_feat"].shape[1]
+    with torch.no_grad():
+        full = model(*model_inputs(cfg, ref["inputs"]))
+        cut = model(*model_inputs(cfg, short))
+    torch.testing.assert_close(full, ref["logits"], atol=1e-5, rtol=0)
+    torch.testing.assert_close(cut, ref["logits"], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_dictionary_parameters_are_openvqa_weights(case: str) -> None:
+    """token_param / answer_param name weights of openvqa's state dict, sized by the two dictionaries."""
+    ref = load_reference(case)
+    spec = model_spec(ref["model"])
+    assert ref["state_dict"][spec.token_param].shape[0] == ref["token_size"]
+    assert ref["state_dict"][spec.answer_param].shape[0] == ref["answer_size"]
+
+
+# --- LOSS_FUNC kld ------------------------------------------------------------------------------
+TOKEN_SIZE, ANSWER_SIZE = 20, 9
+
+
+def kld_cfg(**over: object):
+    """A tiny MFB trained with the KL-divergence loss."""
+    ref = load_reference("mfb")
+    return load_config(overrides={"MODEL_USE": "mfb", **ref["keys"], "LOSS_FUNC": "kld", "BATCH_SIZE": 8, **over})
+
+
+def kld_batch(n: int = 8) -> dict[str, torch.Tensor]:
+    """Reference inputs repeated to n questions, with soft scores (one question with no known answer)."""
+    inputs = load_reference("mfb")["inputs"]
+    gen = torch.Generator().manual_seed(3)
+    batch = {k: v.repeat(2, *([1] * (v.dim() - 1)))[:n] for k, v in inputs.items()}
+    scores = torch.tensor([0.0, 0.3, 0.6, 0.9, 1.0])[torch.randint(0, 5, (n, ANSWER_SIZE), generator=gen)]
+    scores[2] = 0.0
+    batch["answer_scores"] = scores
+    return batch
+
+
+def test_kld_loss_is_summed_kl_divergence_of_normalised_scores() -> None:
+    cfg = kld_cfg()
+    torch.manual_seed(0)
+    model = build_model(cfg, TOKEN_SIZE, ANSWER_SIZE).eval()
+    batch = kld_batch()
+    loss, n_items = make_loss_fn(cfg)(model, batch)
+    with torch.no_grad():
+        logits = model(*model_inputs(cfg, batch)).double()
+    expected = 0.0
+    for row, scores in zip(logits, batch["answer_scores"].double()):  # by hand: sum_a p_a log(p_a / q_a)
+        if scores.sum() == 0:
+            continue  # no answer in the dictionary: nothing to learn from this question
+        p = scores / scores.sum()
+        q = torch.softmax(row, 0)
+        expected += float(sum(pa * torch.log(pa / qa) for pa, qa in zip(p, q) if pa > 0))
+    assert n_items == 8
+    assert float(loss.detach()) == pytest.approx(expected, rel=1e-5)
+
+
+@pytest.mark.parametrize("reduction", ["sum", "mean"])
+def test_kld_accumulation_is_exact(reduction: str) -> None:
+    """With LOSS_FUNC kld, 2, 3 (uneven) and 4 micro-batches give the one-batch gradient (dropout off)."""
+    cfg = kld_cfg(LOSS_REDUCTION=reduction)
+    torch.manual_seed(0)
+    model = dropout_off(build_model(cfg, TOKEN_SIZE, ANSWER_SIZE))
+    rows = check_equivalence(model, kld_batch(), make_loss_fn(cfg), [2, 3, 4], reduction=reduction, repeats=1)
+    assert [r.micro_batches for r in rows] == [1, 2, 3, 4]
+    assert max(r.rel_diff for r in rows) < 1e-5
+
+
+@pytest.mark.filterwarnings("ignore:reduction. 'mean' divides:UserWarning")
+def test_kld_mean_reduction_matches_torch_elementwise_mean() -> None:
+    """LOSS_REDUCTION mean divides the summed KL divergence by every (question, answer) item, as
+    torch's KLDivLoss(reduction='mean') (openvqa's 'elementwise_mean') does."""
+    cfg = kld_cfg(LOSS_REDUCTION="mean")
+    torch.manual_seed(0)
+    model = build_model(cfg, TOKEN_SIZE, ANSWER_SIZE).eval()
+    batch = kld_batch()
+    loss, n_items = make_loss_fn(cfg)(model, batch)
+    scores = batch["answer_scores"]
+    target = scores / scores.sum(1, keepdim=True).clamp_min(1e-12)
+    with torch.no_grad():
+        logits = model(*model_inputs(cfg, batch))
+    expected = torch.nn.KLDivLoss(reduction="mean")(F.log_softmax(logits, 1), target)
+    assert n_items == scores.numel()
+    assert float(loss.detach()) / n_items == pytest.approx(float(expected), rel=1e-5)
+
+
+def test_loss_func_is_validated() -> None:
+    with pytest.raises(ConfigError, match="LOSS_FUNC must be 'bce' or 'kld', got 'ce'"):
+        load_config(overrides={"LOSS_FUNC": "ce"})
