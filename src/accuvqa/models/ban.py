@@ -20,9 +20,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from accuvqa.config import require_positive
+from accuvqa.config import require_positive, require_rate
 from accuvqa.errors import ConfigError
-from accuvqa.models.question import run_rnn, word_embedding
+from accuvqa.models.ported import copy_embedding, fixed_length, run_lstm
 from accuvqa.models.registry import register_model
 
 
@@ -52,9 +52,7 @@ class BANKeys:
                 f"BA_HIDDEN_SIZE ({self.BA_HIDDEN_SIZE}){where('BA_HIDDEN_SIZE')} must be K_TIMES x HIDDEN_SIZE "
                 f"({self.K_TIMES} x {self.HIDDEN_SIZE} = {self.K_TIMES * self.HIDDEN_SIZE}): BAN sum-pools "
                 f"K_TIMES features back to HIDDEN_SIZE; leave BA_HIDDEN_SIZE unset")
-        for key in ("DROPOUT_R", "CLASSIFER_DROPOUT_R"):
-            if not 0.0 <= getattr(self, key) < 1.0:
-                raise ConfigError(f"{key} must be in [0, 1), got {getattr(self, key)}{where(key)}")
+        require_rate(self, ["DROPOUT_R", "CLASSIFER_DROPOUT_R"], where)
 
 
 class WeightNormLinear(nn.Module):
@@ -173,7 +171,9 @@ class BANNet(nn.Module):
     def __init__(self, cfg: Any, token_size: int, answer_size: int, pretrained_emb: np.ndarray | None = None) -> None:
         super().__init__()
         self.max_token: int = cfg.MAX_TOKEN
-        self.embedding = word_embedding(token_size, cfg.WORD_EMBED_SIZE, pretrained_emb)
+        self.embedding = nn.Embedding(token_size, cfg.WORD_EMBED_SIZE)
+        if pretrained_emb is not None:
+            copy_embedding(self.embedding, pretrained_emb)
         self.rnn = nn.GRU(cfg.WORD_EMBED_SIZE, cfg.HIDDEN_SIZE, num_layers=1, batch_first=True)
         self.backbone = BAN(cfg)
         self.classifer = nn.Sequential(  # openvqa's spelling, kept for its state_dict keys
@@ -185,9 +185,8 @@ class BANNet(nn.Module):
 
     def forward(self, img_feat: torch.Tensor, ques_ix: torch.Tensor) -> torch.Tensor:
         """img_feat (B, N, IMG_FEAT_SIZE) with all-zero padded rows, ques_ix (B, T) with 0 = PAD -> (B, A)."""
-        ques_ix = ques_ix[:, :self.max_token]
-        ques_ix = F.pad(ques_ix, (0, self.max_token - ques_ix.size(1)))  # (B, MAX_TOKEN), as openvqa
-        lang_feat = run_rnn(self.rnn, self.embedding(ques_ix))  # (B, MAX_TOKEN, H)
+        ques_ix = fixed_length(ques_ix, self.max_token)  # (B, MAX_TOKEN), as openvqa
+        lang_feat = run_lstm(self.rnn, self.embedding(ques_ix))  # the GRU's outputs (B, MAX_TOKEN, H)
         lang_feat = self.backbone(lang_feat, img_feat)
         return self.classifer(lang_feat.sum(1))
 

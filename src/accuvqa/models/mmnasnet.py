@@ -20,11 +20,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from accuvqa.config import require_positive
+from accuvqa.config import require_positive, require_rate
 from accuvqa.errors import ConfigError
 from accuvqa.models.layers import MASK_VALUE, MLP, AttFlat, LayerNorm, MHAtt
 from accuvqa.models.mcan import make_mask
-from accuvqa.models.question import run_rnn, word_embedding
+from accuvqa.models.ported import copy_embedding, run_lstm
 from accuvqa.models.registry import register_model
 
 ENCODER_CELLS = ("SA", "FFN")  # the encoder sees the question only
@@ -73,8 +73,7 @@ class MMNasNetKeys:
             if self.HIDDEN_SIZE % getattr(self, key):
                 raise ConfigError(f"HIDDEN_SIZE ({self.HIDDEN_SIZE}){where('HIDDEN_SIZE')} must be divisible by "
                                   f"{key} ({getattr(self, key)}){where(key)}")
-        if not 0.0 <= self.DROPOUT_R < 1.0:
-            raise ConfigError(f"DROPOUT_R must be in [0, 1), got {self.DROPOUT_R}{where('DROPOUT_R')}")
+        require_rate(self, ["DROPOUT_R"], where)
 
 
 def relation_embedding(bbox: torch.Tensor) -> torch.Tensor:
@@ -219,7 +218,9 @@ class MMNasNet(nn.Module):
 
     def __init__(self, cfg: Any, token_size: int, answer_size: int, pretrained_emb: np.ndarray | None = None) -> None:
         super().__init__()
-        self.embedding = word_embedding(token_size, cfg.WORD_EMBED_SIZE, pretrained_emb)
+        self.embedding = nn.Embedding(token_size, cfg.WORD_EMBED_SIZE)
+        if pretrained_emb is not None:
+            copy_embedding(self.embedding, pretrained_emb)
         self.lstm = nn.LSTM(cfg.WORD_EMBED_SIZE, cfg.HIDDEN_SIZE, num_layers=1, batch_first=True)
         self.adapter = Adapter(cfg)
         self.backbone = NAS_ED(cfg)
@@ -235,7 +236,7 @@ class MMNasNet(nn.Module):
         with 0 = PAD -> (B, A) logits."""
         lang_mask = make_mask(ques_ix.unsqueeze(2))  # (B, 1, 1, T)
         img_mask = make_mask(img_feat)  # (B, 1, 1, N)
-        lang_feat = run_rnn(self.lstm, self.embedding(ques_ix))  # (B, T, H)
+        lang_feat = run_lstm(self.lstm, self.embedding(ques_ix))  # (B, T, H)
         img, rel_embed = self.adapter(img_feat, bbox)  # (B, N, H), (B, N, N, 4)
         rel = self.relu(self.linear_rel(rel_embed))  # (B, N, N, REL_SIZE)
         lang_feat, img = self.backbone(lang_feat, img, lang_mask, img_mask, rel)
