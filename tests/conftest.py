@@ -58,8 +58,10 @@ def write_vqa_layout(root: Path, feat_size: int = 12, images_per_split: int = 6,
             image_id = 1000 * (1 + list(folders).index(split)) + image
             n_regions = int(rng.integers(3, 10))
             x = rng.normal(size=(feat_size, n_regions)).astype(np.float32)
+            r = np.arange(n_regions, dtype=np.float32)[:, None]  # boxes x1, y1, x2, y2 distinct per region and image
+            bbox = np.hstack([4 * r + image, 3 * r, 4 * r + 10 + image, 3 * r + 12])
             np.savez(feature_path / folder / f"COCO_{folder}_{image_id:012d}.jpg.npz", x=x,
-                     bbox=np.zeros((n_regions, 4)), image_w=64, image_h=64, num_bbox=n_regions)
+                     bbox=bbox, image_w=64, image_h=64, num_bbox=n_regions)
             for question, answers in _QA:
                 qid += 1
                 questions.append({"question_id": qid, "image_id": image_id, "question": question})

@@ -179,6 +179,7 @@ def test_unknown_preset_lists_the_presets():
     with pytest.raises(ConfigError, match=r"no config preset 'nosuch'") as e:
         load_config("nosuch")
     assert ", ".join(list_presets()) in str(e.value)
+    assert all(f" {name}," in str(e.value) or str(e.value).endswith(f" {name}") for name in ("easyvqa", "large", "small"))
 
 
 # --- MODEL_USE and the model's own keys

@@ -43,6 +43,9 @@ def make_inputs(cfg: SimpleNamespace, batch: int = 3, n: int = 5, t: int = 4) ->
 TINY_KEYS: dict[str, dict[str, object]] = {
     "mcan": dict(LAYER=2, HIDDEN_SIZE=16, MULTI_HEAD=4, FF_SIZE=32, DROPOUT_R=0.1, FLAT_MLP_SIZE=16,
                  FLAT_GLIMPSES=2, FLAT_OUT_SIZE=24),
+    "ban": dict(GLIMPSE=2, HIDDEN_SIZE=12, K_TIMES=3, DROPOUT_R=0.2, CLASSIFER_DROPOUT_R=0.5, FLAT_OUT_SIZE=20),
+    "mmnasnet": dict(ARCH={"enc": ["SA", "FFN"], "dec": ["GA", "RSA", "FFN", "SA"]}, HIDDEN_SIZE=16, REL_HBASE=4,
+                     REL_SIZE=6, MULTI_HEAD=2, DROPOUT_R=0.1, FLAT_MLP_SIZE=8, FLAT_GLIMPSES=2, FLAT_OUT_SIZE=20),
     "mfb": dict(HIDDEN_SIZE=16, MFB_K=3, MFB_O=8, LSTM_OUT_SIZE=12, DROPOUT_R=0.1, I_GLIMPSES=2, Q_GLIMPSES=2),
     "mfh": dict(HIDDEN_SIZE=16, MFB_K=3, MFB_O=8, LSTM_OUT_SIZE=12, DROPOUT_R=0.1, I_GLIMPSES=2, Q_GLIMPSES=2),
     "butd": dict(HIDDEN_SIZE=16, DROPOUT_R=0.2, CLASSIFER_DROPOUT_R=0.5, FLAT_OUT_SIZE=24),
@@ -72,12 +75,18 @@ def _ques_ix(cfg: Config, n: int, gen: torch.Generator) -> torch.Tensor:
     return ques
 
 
+def _bbox(cfg: Config, n: int, gen: torch.Generator) -> torch.Tensor:
+    corner = torch.rand(n, REGIONS, 2, generator=gen) * 50  # x1, y1 in pixels
+    return torch.cat([corner, corner + 1 + torch.rand(n, REGIONS, 2, generator=gen) * 30], dim=2)  # x2, y2
+
+
 # batch key -> (maker(cfg, n, generator), padder(tensor, extra)): padding adds `extra` empty
 # positions along dim 1 (all-zero image regions, PAD = 0 tokens). A model whose `inputs` name
 # another key adds its entry here.
 INPUTS = {
     "img_feat": (_img_feat, lambda t, extra: torch.cat([t, t.new_zeros(t.shape[0], extra, *t.shape[2:])], dim=1)),
     "ques_ix": (_ques_ix, lambda t, extra: torch.cat([t, t.new_zeros(t.shape[0], extra)], dim=1)),
+    "bbox": (_bbox, lambda t, extra: torch.cat([t, t.new_zeros(t.shape[0], extra, 4)], dim=1)),
 }
 
 

@@ -18,7 +18,7 @@ from accuvqa.train import make_loss_fn
 
 REFERENCES = Path(__file__).parent / "data" / "openvqa_reference"
 # one stored reference per case (tests/data/make_openvqa_reference.py CASES); a new model adds its case
-CASES = ["mfb", "mfh", "butd"]
+CASES = ["mfb", "mfh", "butd", "ban", "mmnasnet"]
 
 
 def load_reference(case: str) -> dict:

@@ -13,11 +13,11 @@ import torch
 from accuvqa.attention import check_picture_path, draw_attention, exposes_attention, read_image, require_attention
 from accuvqa.checkpoint import load_trained
 from accuvqa.config import Config
-from accuvqa.data.features import _READ_ERRORS, read_features
+from accuvqa.data.features import _READ_ERRORS, read_boxes, read_features
 from accuvqa.data.records import FOLDERS
 from accuvqa.data.vocab import encode_tokens, tokenize
 from accuvqa.errors import ConfigError, DataError
-from accuvqa.models import model_inputs
+from accuvqa.models import model_inputs, model_spec
 from accuvqa.runtime import setup_runtime
 
 
@@ -118,6 +118,11 @@ class Predictor:
         token_to_ix = self.vocab.token_to_ix
         batch = {"img_feat": torch.from_numpy(feats)[None].to(self.device),
                  "ques_ix": torch.from_numpy(encode_tokens(words, token_to_ix, cfg.MAX_TOKEN))[None].to(self.device)}
+        if reads_boxes(cfg):  # a model that reads region boxes (MMNasNet's relation embedding)
+            if boxes is None or len(boxes) != len(feats):
+                raise DataError(f"model {cfg.MODEL_USE} reads each region's box: give the {len(feats)} boxes "
+                                f"('bbox') of these features, got {'none' if boxes is None else len(boxes)}")
+            batch["bbox"] = torch.from_numpy(np.ascontiguousarray(boxes, dtype=np.float32))[None].to(self.device)
         keep = attention and self.exposes_attention
         if keep:
             self.model.keep_attention(True)
@@ -162,10 +167,31 @@ def _cut_maps(maps: dict[str, torch.Tensor], n_words: int, n_regions: int) -> di
     return cut
 
 
+def reads_boxes(cfg: Config) -> bool:
+    """Whether the configured model's forward takes region boxes (`bbox`)."""
+    return "bbox" in model_spec(cfg.MODEL_USE).inputs
+
+
+def image_region_boxes(cfg: Config, image: str | Path, n_regions: int) -> np.ndarray:
+    """(N, 4) boxes x1, y1, x2, y2 of the `n_regions` regions `image_region_features` gave for `image`."""
+    image_path = Path(image)
+    if image_path.suffix == ".npz":
+        boxes = read_boxes(image_path, cfg.IMG_FEAT_PAD_SIZE)
+    else:
+        from accuvqa.data.easyvqa import image_features, read_rgb
+
+        boxes = image_features(read_rgb(image_path))[1]
+    if len(boxes) != n_regions:
+        raise DataError(f"{image}: {len(boxes)} boxes 'bbox' for {n_regions} regions; boxes and features must come "
+                        f"from the same detection")
+    return boxes
+
+
 def predict(cfg: Config, image: str, question: str, top_k: int = 5) -> list[tuple[str, float]]:
     """Top-k answers with sigmoid scores for one image (PNG/JPEG for easyvqa, or a features .npz)."""
     feats = image_region_features(cfg, image)
-    return Predictor(cfg).answer(feats, question, top_k, attention=False).answers
+    boxes = image_region_boxes(cfg, image, len(feats)) if reads_boxes(cfg) else None
+    return Predictor(cfg).answer(feats, question, top_k, boxes=boxes, attention=False).answers
 
 
 def main(cfg: Config, args: argparse.Namespace) -> int:
@@ -184,6 +210,8 @@ def main(cfg: Config, args: argparse.Namespace) -> int:
     if out is not None:
         require_attention(predictor.model, cfg.MODEL_USE)
     boxes, size = image_regions(cfg, args.image) if out is not None else (None, None)
+    if reads_boxes(cfg):
+        boxes = image_region_boxes(cfg, args.image, len(feats))
     answer = predictor.answer(feats, args.question, args.top, boxes=boxes, attention=out is not None)
     for name, score in answer.answers:
         print(f"{score:.4f}  {name}")

@@ -40,6 +40,10 @@ BATCH, N_REGIONS, N_TOKENS, IMG_FEAT_SIZE, WORD_EMBED_SIZE = 4, 7, 6, 12, 8
 REAL_REGIONS = [6, 5, 3, 4]  # per sample; the rest is zero padding (none fills N_REGIONS / N_TOKENS)
 REAL_TOKENS = [5, 4, 2, 3]
 
+BAN_SIZES = dict(GLIMPSE=3, HIDDEN_SIZE=12, K_TIMES=3, DROPOUT_R=0.2, CLASSIFER_DROPOUT_R=0.5, FLAT_OUT_SIZE=20)
+NAS_SIZES = dict(ARCH={"enc": ["SA", "FFN", "SA"], "dec": ["GA", "RSA", "FFN", "SA", "RSA"]}, HIDDEN_SIZE=16,
+                 REL_HBASE=4, REL_SIZE=6, MULTI_HEAD=2, DROPOUT_R=0.1, FLAT_MLP_SIZE=8, FLAT_GLIMPSES=2,
+                 FLAT_OUT_SIZE=20)
 MFB_SIZES = dict(HIDDEN_SIZE=16, MFB_K=3, MFB_O=8, LSTM_OUT_SIZE=12, DROPOUT_R=0.1, I_GLIMPSES=2, Q_GLIMPSES=2)
 
 # case -> openvqa model package, openvqa config attributes, accuvqa MODEL_USE and model keys
@@ -50,6 +54,12 @@ CASES: dict[str, dict[str, Any]] = {
                  openvqa=dict(HIDDEN_SIZE=16, DROPOUT_R=0.2, CLASSIFER_DROPOUT_R=0.5, FLAT_OUT_SIZE=24,
                               IMG_FEAT_SIZE=IMG_FEAT_SIZE),
                  model="butd", keys=dict(HIDDEN_SIZE=16, DROPOUT_R=0.2, CLASSIFER_DROPOUT_R=0.5, FLAT_OUT_SIZE=24)),
+    "ban": dict(module="ban",
+                openvqa=dict(BAN_SIZES, BA_HIDDEN_SIZE=BAN_SIZES["K_TIMES"] * BAN_SIZES["HIDDEN_SIZE"],
+                             IMG_FEAT_SIZE=IMG_FEAT_SIZE),
+                model="ban", keys=dict(BAN_SIZES)),
+    "mmnasnet": dict(module="mmnasnet", openvqa=dict(NAS_SIZES, USE_BBOX_FEAT=False, USE_AUX_FEAT=False),
+                     model="mmnasnet", keys=dict(NAS_SIZES)),
 }
 
 

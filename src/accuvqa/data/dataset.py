@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from accuvqa.config import Config
-from accuvqa.data.features import feature_file, read_features, region_counts
+from accuvqa.data.features import feature_file, read_boxes, read_features, region_counts
 from accuvqa.data.qa_store import QuestionArrays, encode_records
 from accuvqa.data.records import QuestionRecord
 from accuvqa.data.store import PackedFeatures
@@ -39,16 +39,18 @@ class VQADataset(torch.utils.data.Dataset):
 
     `__getitem__` takes a list of question indices and returns a dict with `img_feat`
     (B, N, D) zero-padded to the batch's longest image (at most IMG_FEAT_PAD_SIZE), `ques_ix`
-    (B, T) cut to the batch's longest question, `answer_scores` (B, A) soft scores, and `index`.
+    (B, T) cut to the batch's longest question, `answer_scores` (B, A) soft scores, and `index`;
+    with `boxes`, also `bbox` (B, N, 4): each region's x1, y1, x2, y2, zero rows where img_feat is padded.
     """
 
     def __init__(self, cfg: Config, records: Sequence[QuestionRecord] | QuestionArrays, token_to_ix: dict[str, int],
-                 ans_to_ix: dict[str, int], features: Mapping[int, Path | PackedFeatures]) -> None:
+                 ans_to_ix: dict[str, int], features: Mapping[int, Path | PackedFeatures], boxes: bool = False) -> None:
         # the questions as arrays (no object per question, so loader workers share them as they are):
         # read from `accuvqa prepare`'s store, or encoded here from the JSON's records
         self.questions = (records if isinstance(records, QuestionArrays)
                           else encode_records(records, Vocab(token_to_ix, ans_to_ix), cfg.MAX_TOKEN))
         self.records = self.questions.records  # None when read from the store
+        self.boxes = boxes
         self.n_answers = len(ans_to_ix)
         self.feat_size = cfg.IMG_FEAT_SIZE
         self.pad_size = cfg.IMG_FEAT_PAD_SIZE
@@ -75,6 +77,7 @@ class VQADataset(torch.utils.data.Dataset):
         _warn_cut(self.regions, self.questions.n_tokens, cfg, self.questions.split_names())
         self.packed: np.ndarray | None = None
         self.counts: np.ndarray | None = None
+        self.packed_boxes: np.ndarray | None = None
         if cfg.PRELOAD and not self.packed_store:  # a packed store is preloaded by the OS page cache
             self.preload()
 
@@ -86,6 +89,8 @@ class VQADataset(torch.utils.data.Dataset):
         self.counts = np.array([f.shape[0] for f in feats], dtype=np.int64)
         for i, f in enumerate(feats):
             self.packed[i, : f.shape[0]] = f
+        if self.boxes:
+            self.packed_boxes = _zero_padded([self._read_boxes(row) for row in range(len(self.paths))], n_max)
 
     def __len__(self) -> int:
         return len(self.questions)
@@ -95,6 +100,24 @@ class VQADataset(torch.utils.data.Dataset):
         if self.packed_store:
             return self.paths[row].read(self.image_ids[row], self.pad_size)
         return read_features(self.paths[row], self.feat_size, self.pad_size)
+
+    def _read_boxes(self, row: int) -> np.ndarray:
+        """(N, 4) boxes of the image at `row`, one per region read by `_read`."""
+        if self.packed_store:
+            boxes = self.paths[row].read_boxes(self.image_ids[row], self.pad_size)
+        else:
+            boxes = read_boxes(self.paths[row], self.pad_size)
+        regions = min(int(self.regions[row]), self.pad_size)
+        if len(boxes) != regions:
+            raise DataError(f"{self.paths[row]}: image {self.image_ids[row]} has {len(boxes)} boxes 'bbox' for "
+                            f"{regions} regions; boxes and features must come from the same detection")
+        return boxes
+
+    def image_boxes(self, rows: Sequence[int], n: int) -> np.ndarray:
+        """(B, n, 4) boxes of the given image rows, zero-padded as `image_features` pads."""
+        if self.packed_boxes is not None:
+            return self.packed_boxes[rows, :n]
+        return _zero_padded([self._read_boxes(r) for r in rows], n)
 
     def image_features(self, rows: Sequence[int]) -> np.ndarray:
         """(B, N, D) features of the given image rows, zero-padded to the longest."""
@@ -114,9 +137,21 @@ class VQADataset(torch.utils.data.Dataset):
         ques_ix = self.ques_ix[indices].astype(np.int64)
         t_max = max(int((ques_ix != 0).sum(1).max()), 1) if len(indices) else 1
         scores = self.questions.targets(indices, self.n_answers)
-        return {
+        batch = {
             "img_feat": torch.from_numpy(np.ascontiguousarray(self.image_features(rows))),
             "ques_ix": torch.from_numpy(np.ascontiguousarray(ques_ix[:, :t_max])),
             "answer_scores": torch.from_numpy(scores),
             "index": torch.from_numpy(indices),
         }
+        if self.boxes:
+            batch["bbox"] = torch.from_numpy(np.ascontiguousarray(self.image_boxes(rows, batch["img_feat"].shape[1])))
+        return batch
+
+
+def _zero_padded(arrays: Sequence[np.ndarray], n: int) -> np.ndarray:
+    """(len(arrays), n, width) float32: each (N_i, width) array in its first N_i rows, zeros after."""
+    width = arrays[0].shape[1] if len(arrays) else 4
+    out = np.zeros((len(arrays), n, width), dtype=np.float32)
+    for i, a in enumerate(arrays):
+        out[i, : a.shape[0]] = a
+    return out

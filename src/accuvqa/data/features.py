@@ -74,6 +74,21 @@ def read_features(path: Path, feat_size: int, pad_size: int) -> np.ndarray:
     return np.ascontiguousarray(x.T[:pad_size], dtype=np.float32)
 
 
+def read_boxes(path: Path, pad_size: int) -> np.ndarray:
+    """One image's region boxes `bbox` (x1, y1, x2, y2 in pixels) as (N, 4) float32, cut to `pad_size`."""
+    try:
+        with np.load(path) as npz:
+            if "bbox" not in npz.files:
+                raise DataError(f"{path} holds no region boxes 'bbox' (N, 4), which the model reads "
+                                f"(MODEL_USE); use features written with their boxes")
+            bbox = npz["bbox"]
+    except _READ_ERRORS as e:
+        raise _unreadable(path, e) from e
+    if bbox.ndim != 2 or bbox.shape[1] != 4:
+        raise DataError(f"{path}: 'bbox' has shape {tuple(bbox.shape)}, expected (N, 4): x1, y1, x2, y2 per region")
+    return np.ascontiguousarray(bbox[:pad_size], dtype=np.float32)
+
+
 def feature_shape(path: Path) -> tuple[int, ...]:
     """The shape of one file's `x`, read from the .npy header inside the zip: no feature is read."""
     try:

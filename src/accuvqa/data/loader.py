@@ -21,6 +21,7 @@ from accuvqa.data.records import VG_FOLDERS, QuestionRecord, load_records
 from accuvqa.data.store import open_stores
 from accuvqa.data.vocab import Vocab
 from accuvqa.errors import AccuvqaError, DataError
+from accuvqa.models import model_spec
 
 
 def load_questions(cfg: Config, split_spec: str, need_answers: bool) -> QuestionArrays | list[QuestionRecord]:
@@ -33,7 +34,8 @@ def load_questions(cfg: Config, split_spec: str, need_answers: bool) -> Question
 
 def make_dataset(cfg: Config, records: Sequence[QuestionRecord] | QuestionArrays, vocab: Vocab) -> VQADataset:
     """A dataset over `records` (or `load_questions`' arrays) whose features come from the folders those
-    splits use: their packed stores when every folder has a current one, the per-image `.npz` files otherwise."""
+    splits use: their packed stores when every folder has a current one, the per-image `.npz` files otherwise.
+    Its batches carry region boxes (`bbox`) when the configured model's inputs name them."""
     if isinstance(records, QuestionArrays) and records.vocab != vocab:
         # arrays encoded with other dictionaries than the run's (a checkpoint's): encode the JSON again
         records = load_records(cfg, records.split_spec, need_answers=False)
@@ -44,7 +46,8 @@ def make_dataset(cfg: Config, records: Sequence[QuestionRecord] | QuestionArrays
         folders |= set(VG_FOLDERS)
     features = (open_stores(cfg.FEATURE_PATH, sorted(folders), cfg.IMG_FEAT_SIZE)
                 or index_features(cfg.FEATURE_PATH, sorted(folders)))
-    return VQADataset(cfg, records, vocab.token_to_ix, vocab.ans_to_ix, features)
+    boxes = "bbox" in model_spec(cfg.MODEL_USE).inputs  # region boxes only for a model that reads them
+    return VQADataset(cfg, records, vocab.token_to_ix, vocab.ans_to_ix, features, boxes=boxes)
 
 
 def epoch_batches(n_samples: int, cfg: Config, epoch: int, rt: Any) -> list[np.ndarray]:

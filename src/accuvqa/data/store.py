@@ -145,11 +145,26 @@ class PackedFeatures:
                             f"({meta.get('files')} files then, {expect[1]} now, or files rewritten); run accuvqa "
                             f"prepare again")
         self.row = {int(iid): i for i, iid in enumerate(self.image_ids)}
+        self.boxes: np.ndarray | None = None  # loaded by the first read_boxes
 
     def count(self, image_id: int) -> int:
         """Number of regions of one image."""
         i = self.row[image_id]
         return int(self.offsets[i + 1] - self.offsets[i])
+
+    def read_boxes(self, image_id: int, pad_size: int) -> np.ndarray:
+        """(N, 4) float32 boxes of one image, cut to `pad_size` (as `read_boxes`); DataError when its
+        `.npz` had none (the store keeps zeros then)."""
+        if self.boxes is None:
+            with np.load(self.path / "index.npz") as index:
+                self.boxes = index["boxes"]  # (total regions, 4), read when a model first asks
+        i = self.row[image_id]
+        start = int(self.offsets[i])
+        boxes = self.boxes[start: int(self.offsets[i + 1])]
+        if len(boxes) and not boxes.any():
+            raise DataError(f"packed feature store {self.path} holds no boxes for image {image_id}: its .npz has "
+                            f"no 'bbox' (N, 4), which the model reads (MODEL_USE)")
+        return boxes[:pad_size]
 
     def read(self, image_id: int, pad_size: int) -> np.ndarray:
         """(N, D) float32 regions of one image, cut to `pad_size` (as `read_features`)."""
