@@ -95,8 +95,28 @@ MODELS: dict[str, dict[str, str]] = {
         "CLASSIFER_DROPOUT_R": "dropout rate of the classifier (openvqa's spelling)",
         "FLAT_OUT_SIZE": "size of the joint question-image vector the classifier reads",
     },
+    "ban": {
+        "GLIMPSE": "bilinear attention glimpses (maps over region-word pairs)",
+        "HIDDEN_SIZE": "hidden size of the question GRU and the joint space",
+        "K_TIMES": "rank multiplier of the low-rank bilinear attention",
+        "BA_HIDDEN_SIZE": "width of the bilinear attention (null: K_TIMES x HIDDEN_SIZE)",
+        "DROPOUT_R": "dropout rate",
+        "CLASSIFER_DROPOUT_R": "dropout rate of the classifier (openvqa's spelling)",
+        "FLAT_OUT_SIZE": "hidden size of the classifier",
+    },
     "mfb": _MFB,
     "mfh": _MFB,
+    "mmnasnet": {
+        "ARCH": "the searched cells: {enc: [SA|FFN ...], dec: [SA|GA|RSA|FFN ...]}",
+        "HIDDEN_SIZE": "width of every cell",
+        "REL_HBASE": "head size of the relation embedding of RSA cells",
+        "REL_SIZE": "size of each region pair's relative-position features",
+        "MULTI_HEAD": "attention heads (must divide HIDDEN_SIZE)",
+        "DROPOUT_R": "dropout rate",
+        "FLAT_MLP_SIZE": "hidden size of the attentional reduction's MLP",
+        "FLAT_GLIMPSES": "glimpses of the attentional reduction",
+        "FLAT_OUT_SIZE": "size of the fused question-image vector",
+    },
     "mcan": {
         "LAYER": "encoder (SA) and decoder (SGA) layers, each",
         "HIDDEN_SIZE": "width of every attention layer",
@@ -175,7 +195,7 @@ def help_text(width: int = 120) -> str:
     docs = key_docs()
     key_w = max(len(d.key) for d in docs) + 2
     type_w = max(len(d.type) for d in docs) + 2
-    default_w = max(len(d.default) for d in docs) + 2
+    default_w = min(max(len(d.default) for d in docs), 24) + 2  # a longer default pushes its meaning right
     indent = 2 + key_w + type_w + default_w
     lines = ["config keys: --KEY VALUE on the command line, KEY: value in --config FILE.yml", ""]
     group = None
@@ -186,7 +206,7 @@ def help_text(width: int = 120) -> str:
             group = d.group
             lines.append(f"{group}:")
         meaning = textwrap.wrap(d.meaning, max(width - indent, 30)) or [""]
-        lines.append(f"  {d.key:<{key_w}}{d.type:<{type_w}}{d.default:<{default_w}}{meaning[0]}")
+        lines.append(f"  {d.key:<{key_w}}{d.type:<{type_w}}{d.default:<{default_w - 2}}  {meaning[0]}")
         lines += [" " * indent + more for more in meaning[1:]]
     return "\n".join(lines)
 
