@@ -41,6 +41,7 @@ class Config:
     PRELOAD: bool = False
     NUM_WORKERS: int = 0
     PIN_MEM: bool = False
+    BUCKET_WINDOW: int = 0  # > 1: batches of similar region counts within windows of this many batches
     USE_GLOVE: bool = False
     WORD_VECTORS: str = "en_vectors_web_lg"  # USE_GLOVE: spaCy package/folder, or a GloVe text file
     WORD_EMBED_SIZE: int = 300
@@ -57,6 +58,7 @@ class Config:
     GRAD_ACCU_STEPS: Union[int, str] = 1  # or "auto": double on out-of-memory
     LOSS_REDUCTION: str = "sum"  # sum (MCAN) | mean
     AMP: str = "off"  # off | bf16 (autocast) | fp16 (autocast + GradScaler; CUDA)
+    COMPILE: bool = False  # torch.compile the model's forward (in place: checkpoints unchanged)
     MAX_EPOCH: int = 13
     LR_BASE: float = 0.0001
     LR_DECAY_R: float = 0.2
@@ -268,7 +270,7 @@ def _validate(cfg: Config, sources: Mapping[str, str]) -> None:
         raise ConfigError(f"DATASET must be 'vqa' or 'easyvqa', got {cfg.DATASET!r}")
     if not 0.0 < cfg.VAL_FRACTION < 1.0:
         raise ConfigError(f"VAL_FRACTION must be in (0, 1), got {cfg.VAL_FRACTION}")
-    for key in ("NUM_WORKERS", "CKPT_EVERY_STEPS", "KEEP_CKPTS"):
+    for key in ("NUM_WORKERS", "CKPT_EVERY_STEPS", "KEEP_CKPTS", "BUCKET_WINDOW"):
         if getattr(cfg, key) < 0:
             raise ConfigError(f"{key} must be >= 0, got {getattr(cfg, key)}{where(key)}")
     require_positive(cfg, ["MAX_BAD_UPDATES"], where)

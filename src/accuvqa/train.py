@@ -27,7 +27,7 @@ from accuvqa.checkpoint import (Position, checkpoint_path, checkpoint_state, che
                                 latest_checkpoint, load_checkpoint, resolve_checkpoint, restore_run,
                                 save_run_checkpoint, step_checkpoint_path)
 from accuvqa.config import Config
-from accuvqa.data.loader import batch_loader, epoch_batches, make_dataset
+from accuvqa.data.loader import batch_loader, epoch_batches, make_dataset, sample_regions
 from accuvqa.data.records import annotation_file, load_records, parse_splits, question_file
 from accuvqa.data.vocab import Vocab, build_vocab
 from accuvqa.data.word_vectors import load_pretrained_embedding
@@ -121,6 +121,8 @@ def train(cfg: Config) -> dict[str, Any]:
     # model, optimizer, and where the run stands
     pretrained_emb = load_pretrained_embedding(cfg, vocab.token_to_ix) if cfg.USE_GLOVE and resume is None else None
     model = build_model(cfg, len(vocab.token_to_ix), len(vocab.ans_to_ix), pretrained_emb).to(rt.device)
+    if cfg.COMPILE:
+        model.compile(dynamic=True)  # in place: parameter names, hence checkpoints, stay the same
     accumulator = GradientAccumulator(
         model, make_optimizer(cfg, model), micro_batches=cfg.GRAD_ACCU_STEPS, reduction=cfg.LOSS_REDUCTION,
         max_grad_norm=cfg.GRAD_NORM_CLIP if cfg.GRAD_NORM_CLIP > 0 else None, skip_nonfinite=True,
@@ -134,6 +136,7 @@ def train(cfg: Config) -> dict[str, Any]:
         accumulator.model = model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None)
     loss_fn = make_loss_fn(cfg)
+    regions = sample_regions(train_set)  # for BUCKET_WINDOW
     if rt.is_main:
         log.info("train: %d questions, %d images; %d updates/epoch; %s (micro-batch x GRAD_ACCU_STEPS x "
                  "processes); %s, %.2fM parameters; device %s", len(train_set), len(train_set.image_ids), n_batches,
@@ -145,7 +148,7 @@ def train(cfg: Config) -> dict[str, Any]:
     started, first_step, last_eval = time.perf_counter(), pos.step, None
     with StopRequest() as stop:
         for epoch in range(pos.epoch, cfg.MAX_EPOCH):
-            batches = epoch_batches(len(train_set), cfg, epoch, rt)
+            batches = epoch_batches(len(train_set), cfg, epoch, rt, regions)
             bar = tqdm(total=len(batches), initial=pos.batch, desc=f"epoch {epoch + 1}/{cfg.MAX_EPOCH}", file=sys.stderr,
                        disable=not (rt.is_main and cfg.VERBOSE), dynamic_ncols=True,
                        mininterval=0.5 if sys.stderr.isatty() else 15.0)
