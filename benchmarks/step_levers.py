@@ -20,6 +20,13 @@ levers: two set-ups A and B, each on its own copy of the model (same initial wei
     bf16: float32 vs AMP bf16 autocast
     threads: torch.set_num_threads(1) vs (2)
     compile: eager vs COMPILE (model.compile(dynamic=True)); the compile time is printed apart
+    mcan-vqa (needs --mcan-vqa, a checkout of github.com/MILVLG/mcan-vqa whose `core/model/net.py`
+        is imported from there): A = the original network's training step as its `core/exec.py`
+        runs it (zero_grad, forward, BCELoss(reduction='sum') on the sigmoid output, backward, the
+        loss read on the host, the per-parameter gradient norms it logs, Adam with its betas/eps)
+        on the same questions padded as its loader pads them (100 regions, 14 tokens), the loader
+        not timed; B = accuvqa's update with its loader: `dataset[indices]` of the bucketed batch
+        (BUCKET_WINDOW --window) + `GradientAccumulator.step`, as `accuvqa train` runs it.
 """
 
 from __future__ import annotations
@@ -164,6 +171,60 @@ def lever(name, cfg, dataset, vocab, batches, updates: int, plain_batches=None) 
           flush=True)
 
 
+def versus_mcan_vqa(cfg, dataset, vocab, batches, updates: int, mcan_vqa: Path) -> None:
+    """Alternate mcan-vqa's training step (A) and accuvqa's loader + update (B), update by update."""
+    import sys
+    import types
+
+    sys.path.insert(0, str(mcan_vqa))
+    from core.model.net import Net  # the original network, from its checkout
+
+    orig_cfg = types.SimpleNamespace(
+        HIDDEN_SIZE=cfg.HIDDEN_SIZE, MULTI_HEAD=cfg.MULTI_HEAD, HIDDEN_SIZE_HEAD=cfg.HIDDEN_SIZE // cfg.MULTI_HEAD,
+        FF_SIZE=cfg.FF_SIZE, DROPOUT_R=cfg.DROPOUT_R, LAYER=cfg.LAYER, FLAT_MLP_SIZE=cfg.FLAT_MLP_SIZE,
+        FLAT_GLIMPSES=cfg.FLAT_GLIMPSES, FLAT_OUT_SIZE=cfg.FLAT_OUT_SIZE, WORD_EMBED_SIZE=cfg.WORD_EMBED_SIZE,
+        IMG_FEAT_SIZE=cfg.IMG_FEAT_SIZE, USE_GLOVE=False)
+    torch.manual_seed(0)
+    net = Net(orig_cfg, None, len(vocab.token_to_ix), len(vocab.ans_to_ix)).train()
+    orig_optim = torch.optim.Adam(net.parameters(), lr=cfg.LR_BASE, betas=cfg.OPT_BETAS, eps=cfg.OPT_EPS)
+    bce = torch.nn.BCELoss(reduction="sum")
+    ours = _setup(cfg, vocab, build_model(cfg, len(vocab.token_to_ix), len(vocab.ans_to_ix)).state_dict())["acc"]
+    loss_fn = make_loss_fn(cfg)
+
+    def original(i: int) -> float:
+        batch = dataset[batches[i % len(batches)]]
+        img = torch.zeros(len(batch["ques_ix"]), cfg.IMG_FEAT_PAD_SIZE, cfg.IMG_FEAT_SIZE)
+        img[:, : batch["img_feat"].shape[1]] = batch["img_feat"]
+        ques = torch.zeros(len(batch["ques_ix"]), cfg.MAX_TOKEN, dtype=torch.int64)
+        ques[:, : batch["ques_ix"].shape[1]] = batch["ques_ix"]
+        t = time.perf_counter()
+        orig_optim.zero_grad()
+        loss = bce(net(img, ques), batch["answer_scores"])
+        loss.backward()
+        float(loss.cpu().data.numpy())
+        [float(torch.norm(p.grad).cpu().data.numpy()) for p in net.parameters() if p.grad is not None]
+        orig_optim.step()
+        return time.perf_counter() - t
+
+    def accuvqa(i: int) -> float:
+        t = time.perf_counter()
+        batch = {k: v for k, v in dataset[batches[i % len(batches)]].items() if k != "index"}
+        ours.step(batch, loss_fn)
+        return time.perf_counter() - t
+
+    seconds: list[list[float]] = [[], []]
+    for i in range(updates + 1):
+        for j in ((0, 1) if i % 2 == 0 else (1, 0)):
+            spent = (original, accuvqa)[j](i)
+            if i:
+                seconds[j].append(spent)
+    a, b = (statistics.median(x) for x in seconds)
+    print(f"mcan-vqa  A (original step) {cfg.BATCH_SIZE / a:.2f} samples/s ({min(seconds[0]):.2f}-{max(seconds[0]):.2f} "
+          f"s/step)  B (accuvqa loader + update) {cfg.BATCH_SIZE / b:.2f} samples/s ({min(seconds[1]):.2f}-"
+          f"{max(seconds[1]):.2f} s/update)  speed-up per sample A/B {a / b:.2f}x; regions per batch "
+          f"{[int(dataset[x]['img_feat'].shape[1]) for x in batches[:updates + 1]]}", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--tree", type=Path, required=True)
@@ -171,6 +232,7 @@ def main() -> None:
     parser.add_argument("--updates", type=int, default=6, help="timed updates of each set-up")
     parser.add_argument("--window", type=int, default=16, help="BUCKET_WINDOW of the bucketed batches")
     parser.add_argument("--levers", nargs="+", default=["profile", "bucket", "sdpa", "adam", "bf16", "threads"])
+    parser.add_argument("--mcan-vqa", type=Path, default=None, help="a checkout of MILVLG/mcan-vqa (lever mcan-vqa)")
     args = parser.parse_args()
     torch.set_num_threads(2)
     print(f"load average at start: {os.getloadavg()[0]:.2f}; torch {torch.__version__}, batch {args.batch_size}")
@@ -181,6 +243,8 @@ def main() -> None:
             profile(cfg.replace(BUCKET_WINDOW=0), dataset, vocab, plain, args.updates)
             profile(cfg, dataset, vocab, bucketed, args.updates)
             print()
+        elif name == "mcan-vqa":
+            versus_mcan_vqa(cfg, dataset, vocab, bucketed, args.updates, args.mcan_vqa)
         elif name == "bucket":
             lever(name, cfg, dataset, vocab, bucketed, args.updates, plain_batches=plain)
         else:

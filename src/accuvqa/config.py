@@ -58,7 +58,6 @@ class Config:
     GRAD_ACCU_STEPS: Union[int, str] = 1  # or "auto": double on out-of-memory
     LOSS_REDUCTION: str = "sum"  # sum (MCAN) | mean
     AMP: str = "off"  # off | bf16 (autocast) | fp16 (autocast + GradScaler; CUDA)
-    COMPILE: bool = False  # torch.compile the model's forward (in place: checkpoints unchanged)
     MAX_EPOCH: int = 13
     LR_BASE: float = 0.0001
     LR_DECAY_R: float = 0.2

@@ -121,8 +121,6 @@ def train(cfg: Config) -> dict[str, Any]:
     # model, optimizer, and where the run stands
     pretrained_emb = load_pretrained_embedding(cfg, vocab.token_to_ix) if cfg.USE_GLOVE and resume is None else None
     model = build_model(cfg, len(vocab.token_to_ix), len(vocab.ans_to_ix), pretrained_emb).to(rt.device)
-    if cfg.COMPILE:
-        model.compile(dynamic=True)  # in place: parameter names, hence checkpoints, stay the same
     accumulator = GradientAccumulator(
         model, make_optimizer(cfg, model), micro_batches=cfg.GRAD_ACCU_STEPS, reduction=cfg.LOSS_REDUCTION,
         max_grad_norm=cfg.GRAD_NORM_CLIP if cfg.GRAD_NORM_CLIP > 0 else None, skip_nonfinite=True,
