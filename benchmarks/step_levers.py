@@ -173,19 +173,9 @@ def lever(name, cfg, dataset, vocab, batches, updates: int, plain_batches=None) 
 
 def versus_mcan_vqa(cfg, dataset, vocab, batches, updates: int, mcan_vqa: Path) -> None:
     """Alternate mcan-vqa's training step (A) and accuvqa's loader + update (B), update by update."""
-    import sys
-    import types
+    from throughput_vs_mcan_vqa import mcan_vqa_net  # benchmarks/ is on sys.path when run as a script
 
-    sys.path.insert(0, str(mcan_vqa))
-    from core.model.net import Net  # the original network, from its checkout
-
-    orig_cfg = types.SimpleNamespace(
-        HIDDEN_SIZE=cfg.HIDDEN_SIZE, MULTI_HEAD=cfg.MULTI_HEAD, HIDDEN_SIZE_HEAD=cfg.HIDDEN_SIZE // cfg.MULTI_HEAD,
-        FF_SIZE=cfg.FF_SIZE, DROPOUT_R=cfg.DROPOUT_R, LAYER=cfg.LAYER, FLAT_MLP_SIZE=cfg.FLAT_MLP_SIZE,
-        FLAT_GLIMPSES=cfg.FLAT_GLIMPSES, FLAT_OUT_SIZE=cfg.FLAT_OUT_SIZE, WORD_EMBED_SIZE=cfg.WORD_EMBED_SIZE,
-        IMG_FEAT_SIZE=cfg.IMG_FEAT_SIZE, USE_GLOVE=False)
-    torch.manual_seed(0)
-    net = Net(orig_cfg, None, len(vocab.token_to_ix), len(vocab.ans_to_ix)).train()
+    net = mcan_vqa_net(cfg, len(vocab.token_to_ix), len(vocab.ans_to_ix), mcan_vqa)
     orig_optim = torch.optim.Adam(net.parameters(), lr=cfg.LR_BASE, betas=cfg.OPT_BETAS, eps=cfg.OPT_EPS)
     bce = torch.nn.BCELoss(reduction="sum")
     ours = _setup(cfg, vocab, build_model(cfg, len(vocab.token_to_ix), len(vocab.ans_to_ix)).state_dict())["acc"]

@@ -61,6 +61,22 @@ def run_accuvqa(tree: Path, batch_size: int, threads: int, extra: list[str], wor
     return {"wall_s": wall, "updates": updates, "samples_s": updates * batch_size / wall, "in_loop_samples_s": in_loop}
 
 
+def mcan_vqa_net(cfg, token_size: int, answer_size: int, checkout: Path):
+    """mcan-vqa's `Net` (imported from its checkout) with the sizes of `cfg`, seeded, in training mode."""
+    import torch
+
+    sys.path.insert(0, str(checkout))
+    from core.model.net import Net  # mcan-vqa's network, from its checkout
+
+    orig_cfg = types.SimpleNamespace(
+        HIDDEN_SIZE=cfg.HIDDEN_SIZE, MULTI_HEAD=cfg.MULTI_HEAD, HIDDEN_SIZE_HEAD=cfg.HIDDEN_SIZE // cfg.MULTI_HEAD,
+        FF_SIZE=cfg.FF_SIZE, DROPOUT_R=cfg.DROPOUT_R, LAYER=cfg.LAYER, FLAT_MLP_SIZE=cfg.FLAT_MLP_SIZE,
+        FLAT_GLIMPSES=cfg.FLAT_GLIMPSES, FLAT_OUT_SIZE=cfg.FLAT_OUT_SIZE, WORD_EMBED_SIZE=cfg.WORD_EMBED_SIZE,
+        IMG_FEAT_SIZE=cfg.IMG_FEAT_SIZE, USE_GLOVE=False)
+    torch.manual_seed(0)
+    return Net(orig_cfg, None, token_size, answer_size).train()
+
+
 def run_original(args: argparse.Namespace) -> dict:
     """One process timing mcan-vqa's training step (called with --child)."""
     import numpy as np
@@ -73,9 +89,6 @@ def run_original(args: argparse.Namespace) -> dict:
     from accuvqa.runtime import Runtime
 
     torch.set_num_threads(args.threads)
-    sys.path.insert(0, str(args.mcan_vqa))
-    from core.model.net import Net  # mcan-vqa's network, from its checkout
-
     pairs = tree_overrides(args.tree)
     cfg = load_config(ROOT / "configs/small.yml", {k.lstrip("-"): v for k, v in zip(pairs[::2], pairs[1::2])}
                       | {"BATCH_SIZE": args.batch_size, "BUCKET_WINDOW": 0})
@@ -83,14 +96,7 @@ def run_original(args: argparse.Namespace) -> dict:
     vocab = build_vocab(cfg, records)
     dataset = make_dataset(cfg, records, vocab)
     batches = epoch_batches(len(dataset), cfg, 0, Runtime(torch.device("cpu")))
-    orig_cfg = types.SimpleNamespace(
-        HIDDEN_SIZE=cfg.HIDDEN_SIZE, MULTI_HEAD=cfg.MULTI_HEAD, HIDDEN_SIZE_HEAD=cfg.HIDDEN_SIZE // cfg.MULTI_HEAD,
-        FF_SIZE=cfg.FF_SIZE, DROPOUT_R=cfg.DROPOUT_R, LAYER=cfg.LAYER, FLAT_MLP_SIZE=cfg.FLAT_MLP_SIZE,
-        FLAT_GLIMPSES=cfg.FLAT_GLIMPSES, FLAT_OUT_SIZE=cfg.FLAT_OUT_SIZE, WORD_EMBED_SIZE=cfg.WORD_EMBED_SIZE,
-        IMG_FEAT_SIZE=cfg.IMG_FEAT_SIZE, USE_GLOVE=False)
-    torch.manual_seed(0)
-    net = Net(orig_cfg, None, len(vocab.token_to_ix), len(vocab.ans_to_ix))
-    net.train()
+    net = mcan_vqa_net(cfg, len(vocab.token_to_ix), len(vocab.ans_to_ix), args.mcan_vqa)
     optim = torch.optim.Adam(net.parameters(), lr=cfg.LR_BASE, betas=cfg.OPT_BETAS, eps=cfg.OPT_EPS)
     loss_fn = torch.nn.BCELoss(reduction="sum")
     named_params = list(net.named_parameters())
