@@ -174,4 +174,3 @@ def test_the_optimizer_comes_from_opt_and_opt_params(tmp_path):
     assert all("exp_inf" in s for s in saved["state"].values())  # Adamax's infinity-norm moment
     group = saved["param_groups"][0]
     assert group["weight_decay"] == 0.01 and tuple(group["betas"]) == (0.9, 0.98) and group["eps"] == 1e-9
-
