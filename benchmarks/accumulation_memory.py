@@ -33,7 +33,7 @@ def status_mib() -> dict[str, float]:
     return out
 
 
-def child(k: int, updates: int, threads: int) -> None:
+def child(k: int, updates: int, threads: int, trim: bool = False) -> None:
     import torch
 
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -52,7 +52,7 @@ def child(k: int, updates: int, threads: int) -> None:
     loss_fn = make_loss_fn(cfg)
     batch = make_batch(cfg, torch.Generator().manual_seed(0), cfg.BATCH_SIZE,
                        n_regions=cfg.IMG_FEAT_PAD_SIZE, n_tokens=cfg.MAX_TOKEN)
-    engine = GradientAccumulator(model, optimizer, micro_batches=k, reduction="sum")
+    engine = GradientAccumulator(model, optimizer, micro_batches=k, reduction="sum", trim_memory=trim)
     n_params = sum(p.numel() for p in model.parameters())
     base = status_mib()
     per_update = []
@@ -69,18 +69,21 @@ def main() -> None:
     parser.add_argument("--ks", type=int, nargs="+", default=[1, 2, 4, 8, 64])
     parser.add_argument("--updates", type=int, default=2)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--trim", action="store_true",
+                        help="GradientAccumulator(trim_memory=True): free heap pages returned after every update")
     parser.add_argument("--child", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child is not None:
-        child(args.child, args.updates, args.threads)
+        child(args.child, args.updates, args.threads, args.trim)
         return
     import torch
     print(f"torch {torch.__version__}, python {platform.python_version()}, {os.cpu_count()} CPUs, "
-          f"{args.threads} threads; MiB = 2**20 bytes; {args.updates} updates per fresh process")
+          f"{args.threads} threads; MiB = 2**20 bytes; {args.updates} updates per fresh process"
+          + ("; trim_memory on" if args.trim else ""))
     rows = {}
     for k in args.ks:
         out = subprocess.run([sys.executable, __file__, "--child", str(k), "--updates", str(args.updates),
-                              "--threads", str(args.threads)], capture_output=True, text=True, check=True)
+                              "--threads", str(args.threads), *(["--trim"] if args.trim else [])], capture_output=True, text=True, check=True)
         r = json.loads(out.stdout.strip().splitlines()[-1])
         rows[k] = r
         if len(rows) == 1:

@@ -278,6 +278,25 @@ def test_auto_retry_after_a_late_out_of_memory_drops_the_partial_gradient_and_ke
     assert max_rel_diff(opt.seen[1], want) <= 1e-12
 
 
+def test_auto_retries_a_cpu_allocation_failure_as_out_of_memory():
+    """torch's CPU allocator says "can't allocate memory" (a RuntimeError), not CUDA's "out of memory"."""
+    model, batch = make_model(torch.float64), make_batch(16, torch.float64)
+    want, _ = full_batch_grads(model, batch, "sum")
+
+    def needs_small_pieces(model, piece):
+        if len(piece["x"]) > 4:
+            torch.empty(2**60, dtype=torch.uint8)  # a real allocation the CPU allocator refuses
+        return bce_items(model, piece)
+
+    with pytest.raises(RuntimeError, match="can't allocate memory"):
+        GradientAccumulator(model, Recorder(model.parameters())).step(batch, needs_small_pieces)
+    model.zero_grad(set_to_none=True)
+    opt = Recorder(model.parameters())
+    result = GradientAccumulator(model, opt, micro_batches="auto").step(batch, needs_small_pieces)
+    assert result.micro_batches == 4
+    assert max_rel_diff(opt.seen[0], want) <= 1e-12
+
+
 def test_auto_gives_up_when_one_sample_does_not_fit():
     model, batch = make_model(), make_batch(2)
 

@@ -60,3 +60,32 @@ def test_check_exits_1_with_the_verdict_when_accumulation_is_not_equivalent(easy
     out = capsys.readouterr().out
     assert code == 1
     assert "verdict: NOT equivalent" in out and "note: BatchNorm layers (norm)" in out
+
+
+def _rss_mib() -> float:
+    return int(next(line.split()[1] for line in open("/proc/self/status") if line.startswith("VmRSS:"))) / 1024
+
+
+def test_peak_memory_on_cpu_is_the_processes_peak_rss_since_the_reset():
+    from accuvqa.check import peak_rss_mib, reset_peak_rss
+
+    if not reset_peak_rss():
+        pytest.skip("this system cannot reset the peak RSS")
+    block = torch.ones(96 * 2**20 // 4)  # 96 MiB, touched
+    with_block = peak_rss_mib()
+    assert with_block - _rss_mib() > -1 and with_block >= 96
+    del block
+    reset_peak_rss()  # the peak falls back to what the process holds now, without the block
+    assert peak_rss_mib() < with_block - 80 and abs(peak_rss_mib() - _rss_mib()) < 8
+
+
+@pytest.mark.slow
+def test_check_rows_report_peak_memory_on_cpu(easyvqa_slice):
+    cfg = load_config(ROOT / "configs/easyvqa.yml", {
+        "DATASET_PATH": easyvqa_slice["DATASET_PATH"], "FEATURE_PATH": easyvqa_slice["FEATURE_PATH"],
+        "VERBOSE": False, "DEVICE": "cpu"})
+    rows, _ = accuvqa.check.run_check(cfg)
+    rss_mib = _rss_mib()
+    # a peak of the whole process: at least the memory it holds now (model and batch included), not n/a
+    assert all(r.peak_memory_mb is not None and r.peak_memory_mb >= 0.5 * rss_mib for r in rows)
+    assert "n/a" not in accuvqa.check.format_table(rows)

@@ -78,12 +78,12 @@ def test_model_selects_a_packaged_preset_else_the_current_folders_configs(tmp_pa
     monkeypatch.chdir(tmp_path)
     assert translate_argv(["--RUN=train", "--MODEL=easyvqa"]) == ["train", "--config", str(PRESETS / "easyvqa.yml")]
     with pytest.raises(ConfigError) as e:
-        translate_argv(["--RUN=train", "--MODEL=ban_8"])
-    assert str(tmp_path / "configs" / "ban_8.yml") in str(e.value) and "--config FILE.yml" in str(e.value)
+        translate_argv(["--RUN=train", "--MODEL=ban_16"])
+    assert str(tmp_path / "configs" / "ban_16.yml") in str(e.value) and "--config FILE.yml" in str(e.value)
     # openvqa's way: --MODEL NAME picks configs/NAME.yml of the current folder
     (tmp_path / "configs").mkdir()
-    (tmp_path / "configs/ban_8.yml").write_text("LAYER: 2\n")
-    assert translate_argv(["--RUN=train", "--MODEL=ban_8"]) == ["train", "--config", str(tmp_path / "configs/ban_8.yml")]
+    (tmp_path / "configs/ban_16.yml").write_text("LAYER: 2\n")
+    assert translate_argv(["--RUN=train", "--MODEL=ban_16"]) == ["train", "--config", str(tmp_path / "configs/ban_16.yml")]
 
 
 def test_cli_alias_form_reaches_the_real_command(tmp_path):

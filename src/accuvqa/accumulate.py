@@ -19,6 +19,9 @@ same number of items; summing and dividing once by the true total is right alway
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
+import functools
 import gc
 import logging
 import math
@@ -87,8 +90,31 @@ def split_batch(batch: Batch, micro_batches: int) -> list[Batch]:
 
 def _is_oom(error: BaseException) -> bool:
     oom_type = getattr(torch, "OutOfMemoryError", None) or getattr(torch.cuda, "OutOfMemoryError", None)
+    # CUDA says "out of memory"; torch's CPU allocator "can't allocate memory" (or "not enough memory")
     return (oom_type is not None and isinstance(error, oom_type)) or (
-        isinstance(error, RuntimeError) and "out of memory" in str(error))
+        isinstance(error, RuntimeError) and any(words in str(error) for words in (
+            "out of memory", "can't allocate memory", "not enough memory")))
+
+
+@functools.lru_cache(maxsize=1)
+def _malloc_trim() -> Any:
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or None).malloc_trim  # glibc only
+    except (OSError, AttributeError):
+        return None
+
+
+def release_freed_memory() -> bool:
+    """Hand the C heap's free pages back to the system (glibc `malloc_trim(0)`); False where unavailable.
+
+    On CPU, tensors live on the C heap: glibc keeps the pages of freed activations resident, so
+    an update's peak RSS stacks on what the previous one left behind.
+    """
+    trim = _malloc_trim()
+    if trim is None:
+        return False
+    trim(0)
+    return True
 
 
 class GradientAccumulator:
@@ -103,6 +129,8 @@ class GradientAccumulator:
     once before clipping, and the update skipped (`StepResult.skipped`) on inf/NaN.
     `autocast_dtype`: run each forward under `torch.autocast` with this dtype (bf16 or fp16).
     `scheduler`: stepped once per applied update, after the optimizer.
+    `trim_memory`: after every update, hand freed heap pages back to the system (CPU; see
+    `release_freed_memory`).
     `skip_nonfinite`: when the window's loss or accumulated gradient is inf/NaN, apply nothing
     (`StepResult.skipped`): the weights, the optimizer's moments and the scheduler stay as they were.
     """
@@ -119,6 +147,7 @@ class GradientAccumulator:
         autocast_dtype: torch.dtype | None = None,
         scheduler: Any = None,
         skip_nonfinite: bool = False,
+        trim_memory: bool = False,
     ) -> None:
         if reduction not in ("sum", "mean"):
             raise ValueError(f"reduction must be 'sum' or 'mean', got {reduction!r}")
@@ -135,6 +164,7 @@ class GradientAccumulator:
         self.autocast_dtype = autocast_dtype
         self.scheduler = scheduler
         self.skip_nonfinite = skip_nonfinite
+        self.trim_memory = trim_memory
         self._warned_unused = False
         batch_norms = [name for name, m in model.named_modules()
                        if isinstance(m, nn.modules.batchnorm._BatchNorm)]
@@ -262,6 +292,8 @@ class GradientAccumulator:
         if self.scheduler is not None and not skipped:
             self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)  # frees the gradients until the next window
+        if self.trim_memory:
+            release_freed_memory()
         return StepResult(loss=loss, n_items=items_total, grad_norm=grad_norm, micro_batches=used,
                           skipped=skipped)
 

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import resource
+import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Sequence
 
 import torch
@@ -44,8 +47,30 @@ class CheckRow:
     micro_batch_size: str  # "32" or "21-22" when uneven
     max_abs_diff: float
     rel_diff: float
-    peak_memory_mb: float | None  # CUDA only
+    peak_memory_mb: float | None  # CUDA: max_memory_allocated; CPU: peak RSS of the process (see peak_rss_mib)
     seconds_per_update: float
+
+
+def reset_peak_rss() -> bool:
+    """Reset this process's peak RSS (Linux VmHWM) to its current RSS; False where that is not possible."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        return False
+    return True
+
+
+def peak_rss_mib() -> float:
+    """Peak resident memory of this process in MiB: VmHWM (since the last `reset_peak_rss`) on Linux,
+    else `ru_maxrss` (the peak since the process started)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024  # kB
+    except OSError:
+        pass
+    maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return maxrss / 2**20 if sys.platform == "darwin" else maxrss / 1024  # bytes on macOS, kB elsewhere
 
 
 def _gradient(model: nn.Module, batch: Batch, loss_fn: LossFn, k: int, reduction: str,
@@ -56,6 +81,8 @@ def _gradient(model: nn.Module, batch: Batch, loss_fn: LossFn, k: int, reduction
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
+    else:
+        reset_peak_rss()
     seconds = []
     for _ in range(repeats):
         start = time.perf_counter()
@@ -63,7 +90,7 @@ def _gradient(model: nn.Module, batch: Batch, loss_fn: LossFn, k: int, reduction
         if cuda:
             torch.cuda.synchronize()
         seconds.append(time.perf_counter() - start)
-    peak = torch.cuda.max_memory_allocated() / 2**20 if cuda else None
+    peak = torch.cuda.max_memory_allocated() / 2**20 if cuda else peak_rss_mib()
     return capture.grads, min(seconds), peak
 
 
@@ -143,6 +170,9 @@ def main(cfg: Config, args: argparse.Namespace) -> int:
     print(f"gradient of one batch of {cfg.BATCH_SIZE} ({cfg.LOSS_REDUCTION} loss, dropout off) "
           f"vs the same batch in micro-batches, float32:")
     print(format_table(rows))
+    cuda = cfg.DEVICE.startswith("cuda") or (cfg.DEVICE == "auto" and torch.cuda.is_available())
+    print("peak MiB: " + ("torch.cuda.max_memory_allocated" if cuda else "peak RSS of the process (VmHWM, reset before each row where Linux allows; else "
+                               "ru_maxrss, the peak since the start)") + " over that row's updates")
     for risk in risks:
         print(f"note: {risk}")
     worst = max(r.rel_diff for r in rows)

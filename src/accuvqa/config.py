@@ -42,6 +42,7 @@ class Config:
     PRELOAD: bool = False
     NUM_WORKERS: int = 0
     PIN_MEM: bool = False
+    BUCKET_WINDOW: int = 0  # > 1: batches of similar region counts within windows of this many batches
     USE_GLOVE: bool = False
     WORD_VECTORS: str = "en_vectors_web_lg"  # USE_GLOVE: spaCy package/folder, or a GloVe text file
     WORD_EMBED_SIZE: int = 300
@@ -280,7 +281,7 @@ def _validate(cfg: Config, sources: Mapping[str, str]) -> None:
         raise ConfigError(f"DATASET must be 'vqa' or 'easyvqa', got {cfg.DATASET!r}")
     if not 0.0 < cfg.VAL_FRACTION < 1.0:
         raise ConfigError(f"VAL_FRACTION must be in (0, 1), got {cfg.VAL_FRACTION}")
-    for key in ("NUM_WORKERS", "CKPT_EVERY_STEPS", "KEEP_CKPTS"):
+    for key in ("NUM_WORKERS", "CKPT_EVERY_STEPS", "KEEP_CKPTS", "BUCKET_WINDOW"):
         if getattr(cfg, key) < 0:
             raise ConfigError(f"{key} must be >= 0, got {getattr(cfg, key)}{where(key)}")
     require_positive(cfg, ["MAX_BAD_UPDATES", "LOG_EVERY_STEPS", "DIST_TIMEOUT"], where)

@@ -26,7 +26,7 @@ from accuvqa.checkpoint import (Position, checkpoint_path, checkpoint_state, che
                                 latest_checkpoint, load_checkpoint, resolve_checkpoint, restore_run,
                                 save_run_checkpoint, step_checkpoint_path)
 from accuvqa.config import Config
-from accuvqa.data.loader import batch_loader, epoch_batches, load_questions, make_dataset
+from accuvqa.data.loader import batch_loader, epoch_batches, load_questions, make_dataset, sample_regions
 from accuvqa.data.records import annotation_file, parse_splits, question_file
 from accuvqa.data.vocab import Vocab, build_vocab
 from accuvqa.data.word_vectors import load_pretrained_embedding
@@ -142,6 +142,7 @@ def train(cfg: Config) -> dict[str, Any]:
         accumulator.model = model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None)
     loss_fn = make_loss_fn(cfg)
+    regions = sample_regions(train_set)  # for BUCKET_WINDOW
 
     # the loop; config.yml, log.txt and TensorBoard events beside the metrics (first process only)
     updates_per_epoch = len(train_set) / cfg.BATCH_SIZE  # mcan-vqa's warm-up counts data_size / batch
@@ -153,7 +154,7 @@ def train(cfg: Config) -> dict[str, Any]:
                      effective_batch_text(cfg.BATCH_SIZE, accumulator.micro_batches, rt.world_size), cfg.MODEL_USE,
                      sum(p.numel() for p in model.parameters()) / 1e6, rt.device)
         for epoch in range(pos.epoch, cfg.MAX_EPOCH):
-            batches = epoch_batches(len(train_set), cfg, epoch, rt)
+            batches = epoch_batches(len(train_set), cfg, epoch, rt, regions)
             bar = progress(total=len(batches), initial=pos.batch, desc=f"epoch {epoch + 1}/{cfg.MAX_EPOCH}",
                            every=cfg.LOG_EVERY_STEPS, disable=not (rt.is_main and cfg.VERBOSE))
             epoch_start = time.perf_counter()

@@ -50,18 +50,52 @@ def make_dataset(cfg: Config, records: Sequence[QuestionRecord] | QuestionArrays
     return VQADataset(cfg, records, vocab.token_to_ix, vocab.ans_to_ix, features, boxes=boxes)
 
 
-def epoch_batches(n_samples: int, cfg: Config, epoch: int, rt: Any) -> list[np.ndarray]:
+def epoch_batches(n_samples: int, cfg: Config, epoch: int, rt: Any,
+                  regions: np.ndarray | None = None) -> list[np.ndarray]:
     """This process's share (`rt.rank` of `rt.world_size`) of each effective batch of one epoch.
 
     Full batches only. The order is one permutation fixed by (SEED, epoch): it does not depend on
-    the number of processes or on GRAD_ACCU_STEPS, so neither changes what is learned.
+    the number of processes or on GRAD_ACCU_STEPS, so neither changes what is learned. With
+    BUCKET_WINDOW > 1 and `regions` (each sample's region count), see `bucket_by_regions`.
     """
     gen = torch.Generator().manual_seed(cfg.SEED * 1_000_003 + epoch)
     order = torch.randperm(n_samples, generator=gen).numpy()
     share = cfg.BATCH_SIZE // rt.world_size
     n_batches = n_samples // cfg.BATCH_SIZE
+    if cfg.BUCKET_WINDOW > 1 and regions is not None:
+        order = bucket_by_regions(order[: n_batches * cfg.BATCH_SIZE], regions, cfg.BATCH_SIZE, cfg.BUCKET_WINDOW, gen)
     return [order[b * cfg.BATCH_SIZE + rt.rank * share: b * cfg.BATCH_SIZE + (rt.rank + 1) * share]
             for b in range(n_batches)]
+
+
+def bucket_by_regions(order: np.ndarray, regions: np.ndarray, batch_size: int, window: int,
+                      gen: torch.Generator) -> np.ndarray:
+    """`order` (whole batches) regrouped so that a batch holds images of similar region counts.
+
+    Each run of `window` consecutive batches of `order` is sorted by region count (stably), cut
+    into batches again, and those batches are shuffled with `gen`: every sample stays in its
+    window, a batch is padded to little more than its own images' regions, and big and small
+    batches alternate at random. When every sample has the same count, `order` is returned as it is.
+    """
+    counts = np.asarray(regions)[order]
+    if counts.size == 0 or counts.min() == counts.max():
+        return order
+    span = window * batch_size
+    out = []
+    for start in range(0, len(order), span):
+        chunk = order[start: start + span]
+        chunk = chunk[np.argsort(counts[start: start + span], kind="stable")].reshape(-1, batch_size)
+        out.append(chunk[torch.randperm(len(chunk), generator=gen).numpy()].reshape(-1))
+    return np.concatenate(out)
+
+
+def sample_regions(dataset: Any) -> np.ndarray | None:
+    """Each sample's region count (at most IMG_FEAT_PAD_SIZE), or None for a dataset without them."""
+    regions, image_row = getattr(dataset, "regions", None), getattr(dataset, "image_row", None)
+    if regions is None or image_row is None:
+        return None
+    rows = np.fromiter((image_row[r.image_id] for r in dataset.records), dtype=np.int64, count=len(dataset.records))
+    return np.minimum(regions[rows], dataset.pad_size)
 
 
 def eval_batches(n_samples: int, batch_size: int) -> list[np.ndarray]:

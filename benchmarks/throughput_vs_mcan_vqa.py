@@ -1,0 +1,175 @@
+"""Samples/s of a whole `accuvqa train` run against the original mcan-vqa network's training step.
+
+    .venv/bin/python benchmarks/throughput_vs_mcan_vqa.py --mcan-vqa /path/to/mcan-vqa --tree /tmp/perf/tree \
+        [--batch-size 16] [--repeats 2] [--orig-steps 12] [--variant NAME "--KEY VALUE ..."]...
+
+--mcan-vqa is a checkout of github.com/MILVLG/mcan-vqa (its `core/model/net.py` is imported from
+there, never copied); --tree is the --out of `benchmarks/make_vqa_tree.py`, prepared (`accuvqa
+prepare`, so the packed store exists).
+
+(a) accuvqa: `accuvqa train --config configs/small.yml` on the tree's train split, one epoch,
+    no evaluation, in a fresh process; samples/s = updates x BATCH_SIZE / the process's wall time
+    (start-up, data, model, every update and the epoch's checkpoint included). Each --variant adds
+    its overrides (e.g. `--variant nobucket "--BUCKET_WINDOW 0"`); the first variant is "preset".
+(b) mcan-vqa: its `Net` (MCAN-small's sizes, the same dictionary sizes) in a fresh process, the
+    training step of its `core/exec.py` timed alone (zero_grad, forward, `BCELoss(reduction='sum')`
+    on the sigmoid output, backward, the loss read on the host, the per-parameter gradient norms it
+    logs, Adam with its betas/eps), on the same questions in the same batches, padded as its loader
+    pads them: 100 regions and 14 tokens. samples/s = BATCH_SIZE / median step time; the loader
+    and start-up are not counted for (b).
+
+The runs alternate (a variants..., b, a variants..., b, ...) `--repeats` times; the script prints
+each run, the medians, and the ratios a / b.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import types
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def tree_overrides(tree: Path) -> list[str]:
+    """The overrides that read a tree written by make_vqa_tree.py."""
+    return ["--DATASET", "vqa", "--DATASET_PATH", str(tree / "vqa"), "--FEATURE_PATH", str(tree / "coco_extract"),
+            "--TOKEN_DICT_PATH", str(tree / "token_dict.json"), "--ANSWER_DICT_PATH", str(tree / "answer_dict.json")]
+
+
+def run_accuvqa(tree: Path, batch_size: int, threads: int, extra: list[str], work: Path, tag: str) -> dict:
+    """One whole `accuvqa train` run in a fresh process: wall time, updates, samples/s."""
+    cmd = [str(ROOT / ".venv/bin/accuvqa"), "train", "--config", str(ROOT / "configs/small.yml"),
+           *tree_overrides(tree), "--BATCH_SIZE", str(batch_size), "--MAX_EPOCH", "1", "--EVAL_EVERY_EPOCH", "False",
+           "--VERBOSE", "False", "--NUM_THREADS", str(threads), "--VERSION", tag,
+           "--CKPTS_PATH", str(work / "ckpts"), "--RESULT_PATH", str(work / "results"), *extra]
+    start = time.perf_counter()
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    wall = time.perf_counter() - start
+    if done.returncode != 0:
+        sys.exit(f"accuvqa train failed ({done.returncode}):\n{done.stderr[-3000:]}")
+    updates = int(re.search(r"updates\s+(\d+)", done.stdout).group(1))
+    in_loop = float(re.search(r"samples/s\s+(\d+)", done.stdout).group(1))
+    return {"wall_s": wall, "updates": updates, "samples_s": updates * batch_size / wall, "in_loop_samples_s": in_loop}
+
+
+def mcan_vqa_net(cfg, token_size: int, answer_size: int, checkout: Path):
+    """mcan-vqa's `Net` (imported from its checkout) with the sizes of `cfg`, seeded, in training mode."""
+    import torch
+
+    sys.path.insert(0, str(checkout))
+    from core.model.net import Net  # mcan-vqa's network, from its checkout
+
+    orig_cfg = types.SimpleNamespace(
+        HIDDEN_SIZE=cfg.HIDDEN_SIZE, MULTI_HEAD=cfg.MULTI_HEAD, HIDDEN_SIZE_HEAD=cfg.HIDDEN_SIZE // cfg.MULTI_HEAD,
+        FF_SIZE=cfg.FF_SIZE, DROPOUT_R=cfg.DROPOUT_R, LAYER=cfg.LAYER, FLAT_MLP_SIZE=cfg.FLAT_MLP_SIZE,
+        FLAT_GLIMPSES=cfg.FLAT_GLIMPSES, FLAT_OUT_SIZE=cfg.FLAT_OUT_SIZE, WORD_EMBED_SIZE=cfg.WORD_EMBED_SIZE,
+        IMG_FEAT_SIZE=cfg.IMG_FEAT_SIZE, USE_GLOVE=False)
+    torch.manual_seed(0)
+    return Net(orig_cfg, None, token_size, answer_size).train()
+
+
+def run_original(args: argparse.Namespace) -> dict:
+    """One process timing mcan-vqa's training step (called with --child)."""
+    import numpy as np
+    import torch
+
+    from accuvqa.config import load_config
+    from accuvqa.data.loader import epoch_batches, make_dataset
+    from accuvqa.data.records import load_records
+    from accuvqa.data.vocab import build_vocab
+    from accuvqa.runtime import Runtime
+
+    torch.set_num_threads(args.threads)
+    pairs = tree_overrides(args.tree)
+    cfg = load_config(ROOT / "configs/small.yml", {k.lstrip("-"): v for k, v in zip(pairs[::2], pairs[1::2])}
+                      | {"BATCH_SIZE": args.batch_size, "BUCKET_WINDOW": 0})
+    records = load_records(cfg, "train", need_answers=True)
+    vocab = build_vocab(cfg, records)
+    dataset = make_dataset(cfg, records, vocab)
+    batches = epoch_batches(len(dataset), cfg, 0, Runtime(torch.device("cpu")))
+    net = mcan_vqa_net(cfg, len(vocab.token_to_ix), len(vocab.ans_to_ix), args.mcan_vqa)
+    optim = torch.optim.Adam(net.parameters(), lr=cfg.LR_BASE, betas=cfg.OPT_BETAS, eps=cfg.OPT_EPS)
+    loss_fn = torch.nn.BCELoss(reduction="sum")
+    named_params = list(net.named_parameters())
+
+    def padded(batch: dict) -> tuple:
+        img = torch.zeros(batch["img_feat"].shape[0], cfg.IMG_FEAT_PAD_SIZE, cfg.IMG_FEAT_SIZE)
+        img[:, : batch["img_feat"].shape[1]] = batch["img_feat"]
+        ques = torch.zeros(batch["ques_ix"].shape[0], cfg.MAX_TOKEN, dtype=torch.int64)
+        ques[:, : batch["ques_ix"].shape[1]] = batch["ques_ix"]
+        return img, ques, batch["answer_scores"]
+
+    seconds = []
+    for i in range(args.orig_steps + 1):  # the first step is a warm-up
+        img, ques, target = padded(dataset[batches[i % len(batches)]])
+        start = time.perf_counter()
+        optim.zero_grad()
+        loss = loss_fn(net(img, ques), target)
+        loss.backward()
+        float(loss.cpu().data.numpy())
+        [np.asarray(torch.norm(p.grad).cpu().data.numpy()) for _, p in named_params if p.grad is not None]
+        optim.step()
+        seconds.append(time.perf_counter() - start)
+    step = statistics.median(seconds[1:])
+    return {"median_step_s": step, "min_step_s": min(seconds[1:]), "max_step_s": max(seconds[1:]),
+            "samples_s": args.batch_size / step}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--mcan-vqa", type=Path, required=True, help="a checkout of MILVLG/mcan-vqa")
+    parser.add_argument("--tree", type=Path, required=True, help="a prepared make_vqa_tree.py tree")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--orig-steps", type=int, default=12, help="timed mcan-vqa steps per run")
+    parser.add_argument("--variant", nargs=2, action="append", metavar=("NAME", "OVERRIDES"), default=[],
+                        help="another accuvqa run with these overrides")
+    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        print(json.dumps(run_original(args)))
+        return
+    if not (args.mcan_vqa / "core/model/net.py").is_file():
+        sys.exit(f"{args.mcan_vqa}: no core/model/net.py (clone github.com/MILVLG/mcan-vqa there)")
+    variants = [("preset", "")] + [tuple(v) for v in args.variant]
+    print(f"load average at start: {os.getloadavg()[0]:.2f}; batch {args.batch_size}, {args.threads} threads")
+    results: dict[str, list[dict]] = {name: [] for name, _ in variants} | {"mcan-vqa": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        for r in range(args.repeats):
+            for name, extra in variants:
+                res = run_accuvqa(args.tree, args.batch_size, args.threads, extra.split(), Path(tmp), f"{name}{r}")
+                results[name].append(res)
+                print(f"run {r + 1} accuvqa {name:>10}: {res['updates']} updates, {res['wall_s']:.1f} s, "
+                      f"{res['samples_s']:.2f} samples/s (in-loop {res['in_loop_samples_s']:.0f})", flush=True)
+            child = subprocess.run([sys.executable, __file__, "--child", "--mcan-vqa", str(args.mcan_vqa), "--tree",
+                                    str(args.tree), "--batch-size", str(args.batch_size), "--threads",
+                                    str(args.threads), "--orig-steps", str(args.orig_steps)],
+                                   capture_output=True, text=True)
+            if child.returncode != 0:
+                sys.exit(f"mcan-vqa step failed:\n{child.stderr[-3000:]}")
+            res = json.loads(child.stdout.strip().splitlines()[-1])
+            results["mcan-vqa"].append(res)
+            print(f"run {r + 1} mcan-vqa step      : {res['median_step_s']:.3f} s/step "
+                  f"({res['min_step_s']:.3f}-{res['max_step_s']:.3f}), {res['samples_s']:.2f} samples/s", flush=True)
+    orig = statistics.median(x["samples_s"] for x in results["mcan-vqa"])
+    print(f"\nmedians over {args.repeats} runs; mcan-vqa step: {orig:.2f} samples/s")
+    print(f"{'accuvqa run':>12}  {'samples/s':>9}  {'min-max':>13}  {'ratio to mcan-vqa':>17}")
+    for name, _ in variants:
+        values = [x["samples_s"] for x in results[name]]
+        print(f"{name:>12}  {statistics.median(values):9.2f}  {min(values):6.2f}-{max(values):6.2f}  "
+              f"{statistics.median(values) / orig:17.2f}")
+    print(f"load average at end: {os.getloadavg()[0]:.2f}")
+
+
+if __name__ == "__main__":
+    main()
