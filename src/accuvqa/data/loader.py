@@ -91,10 +91,9 @@ def bucket_by_regions(order: np.ndarray, regions: np.ndarray, batch_size: int, w
 
 def sample_regions(dataset: Any) -> np.ndarray | None:
     """Each sample's region count (at most IMG_FEAT_PAD_SIZE), or None for a dataset without them."""
-    regions, image_row = getattr(dataset, "regions", None), getattr(dataset, "image_row", None)
-    if regions is None or image_row is None:
+    regions, rows = getattr(dataset, "regions", None), getattr(dataset, "question_row", None)
+    if regions is None or rows is None:
         return None
-    rows = np.fromiter((image_row[r.image_id] for r in dataset.records), dtype=np.int64, count=len(dataset.records))
     return np.minimum(regions[rows], dataset.pad_size)
 
 
