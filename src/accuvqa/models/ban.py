@@ -22,7 +22,7 @@ from torch import nn
 
 from accuvqa.config import require_positive, require_rate
 from accuvqa.errors import ConfigError
-from accuvqa.models.ported import copy_embedding, fixed_length, run_lstm
+from accuvqa.models.ported import WeightNormLinear, copy_embedding, fixed_length, run_lstm
 from accuvqa.models.registry import register_model
 
 
@@ -53,22 +53,6 @@ class BANKeys:
                 f"({self.K_TIMES} x {self.HIDDEN_SIZE} = {self.K_TIMES * self.HIDDEN_SIZE}): BAN sum-pools "
                 f"K_TIMES features back to HIDDEN_SIZE; leave BA_HIDDEN_SIZE unset")
         require_rate(self, ["DROPOUT_R", "CLASSIFER_DROPOUT_R"], where)
-
-
-class WeightNormLinear(nn.Module):
-    """nn.Linear under weight normalisation of the whole matrix (torch's legacy `weight_norm(...,
-    dim=None)`, as openvqa): weight = weight_g * weight_v / ||weight_v||, weight_g a scalar."""
-
-    def __init__(self, in_size: int, out_size: int) -> None:
-        super().__init__()
-        linear = nn.Linear(in_size, out_size)
-        self.bias = nn.Parameter(linear.bias.detach().clone())
-        self.weight_g = nn.Parameter(linear.weight.detach().norm())
-        self.weight_v = nn.Parameter(linear.weight.detach().clone())
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x (..., in) -> (..., out)."""
-        return F.linear(x, self.weight_v * (self.weight_g / self.weight_v.norm()), self.bias)
 
 
 class WeightNormMLP(nn.Module):

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from accuvqa.config import require_positive, require_rate
-from accuvqa.models.ported import copy_embedding, fixed_length, run_lstm
+from accuvqa.models.ported import WeightNormLinear, copy_embedding, fixed_length, run_lstm
 from accuvqa.models.registry import register_model
 
 
@@ -36,22 +36,6 @@ class BUTDKeys:
         """Raise ConfigError for sizes that cannot build the network."""
         require_positive(self, ["HIDDEN_SIZE", "FLAT_OUT_SIZE"], where)
         require_rate(self, ["DROPOUT_R", "CLASSIFER_DROPOUT_R"], where)
-
-
-class WeightNormLinear(nn.Module):
-    """Linear layer with weight = weight_g * weight_v / ||weight_v||, one scalar weight_g: what
-    `torch.nn.utils.weight_norm(nn.Linear(...), dim=None)` builds, with the same parameter names."""
-
-    def __init__(self, in_size: int, out_size: int) -> None:
-        super().__init__()
-        linear = nn.Linear(in_size, out_size)  # torch's initialisation; then g = ||v||, as weight_norm starts
-        self.bias = nn.Parameter(linear.bias.detach().clone())
-        self.weight_g = nn.Parameter(linear.weight.detach().norm())
-        self.weight_v = nn.Parameter(linear.weight.detach().clone())
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Apply the normalised linear map."""
-        return F.linear(x, self.weight_v * (self.weight_g / self.weight_v.norm()), self.bias)
 
 
 class WeightNormMLP(nn.Module):

@@ -12,6 +12,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 
 def fixed_length(x: torch.Tensor, size: int) -> torch.Tensor:
@@ -37,3 +38,19 @@ def copy_embedding(embedding: nn.Embedding, pretrained_emb: np.ndarray) -> None:
         raise ValueError(f"pretrained_emb shape {tuple(emb.shape)} != {tuple(embedding.weight.shape)}")
     with torch.no_grad():
         embedding.weight.copy_(emb)
+
+
+class WeightNormLinear(nn.Module):
+    """Linear layer with weight = weight_g * weight_v / ||weight_v||, one scalar weight_g: what
+    `torch.nn.utils.weight_norm(nn.Linear(...), dim=None)` builds, with the same parameter names."""
+
+    def __init__(self, in_size: int, out_size: int) -> None:
+        super().__init__()
+        linear = nn.Linear(in_size, out_size)  # torch's initialisation; then g = ||v||, as weight_norm starts
+        self.bias = nn.Parameter(linear.bias.detach().clone())
+        self.weight_g = nn.Parameter(linear.weight.detach().norm())
+        self.weight_v = nn.Parameter(linear.weight.detach().clone())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Apply the normalised linear map."""
+        return F.linear(x, self.weight_v * (self.weight_g / self.weight_v.norm()), self.bias)
