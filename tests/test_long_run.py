@@ -173,7 +173,7 @@ def test_a_worker_that_exits_is_a_data_error_at_once(layout, workers_left):
 
 def test_a_data_error_in_a_worker_reaches_the_caller_as_itself(layout, workers_left):
     cfg, dataset, batches = layout
-    bad = dataset.paths[dataset.image_row[dataset.records[batches[4][0]].image_id]]
+    bad = dataset.paths[dataset.question_row[batches[4][0]]]
     bad.write_bytes(b"not a zip archive")
     with pytest.raises(DataError) as in_process:
         list(batch_loader(dataset, batches, cfg.replace(NUM_WORKERS=0)))

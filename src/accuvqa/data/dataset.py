@@ -66,7 +66,6 @@ class VQADataset(torch.utils.data.Dataset):
                 f"{self.questions.question_id[first]}): expected "
                 f"{feature_file(cfg.FEATURE_PATH, folder or 'train2014', int(self.questions.image_id[first]))}; "
                 f"{len(missing)} image(s) of {int(lacking.sum())} question(s) lack one")
-        self.image_row = {iid: i for i, iid in enumerate(self.image_ids)}
         self.question_row = np.searchsorted(self.image_ids, self.questions.image_id)  # (N,) image row of each question
         # each image's feature file, or its folder's packed store (accuvqa prepare writes one)
         self.paths = [features[iid] for iid in self.image_ids]
@@ -85,12 +84,10 @@ class VQADataset(torch.utils.data.Dataset):
         """Read every image's features once into one packed array (N_images, max N, D)."""
         feats = [self._read(row) for row in range(len(self.paths))]
         n_max = max((f.shape[0] for f in feats), default=0)
-        self.packed = np.zeros((len(feats), n_max, self.feat_size), dtype=np.float32)
+        self.packed = _zero_padded(feats, n_max, self.feat_size)
         self.counts = np.array([f.shape[0] for f in feats], dtype=np.int64)
-        for i, f in enumerate(feats):
-            self.packed[i, : f.shape[0]] = f
         if self.boxes:
-            self.packed_boxes = _zero_padded([self._read_boxes(row) for row in range(len(self.paths))], n_max)
+            self.packed_boxes = _zero_padded([self._read_boxes(row) for row in range(len(self.paths))], n_max, 4)
 
     def __len__(self) -> int:
         return len(self.questions)
@@ -117,7 +114,7 @@ class VQADataset(torch.utils.data.Dataset):
         """(B, n, 4) boxes of the given image rows, zero-padded as `image_features` pads."""
         if self.packed_boxes is not None:
             return self.packed_boxes[rows, :n]
-        return _zero_padded([self._read_boxes(r) for r in rows], n)
+        return _zero_padded([self._read_boxes(r) for r in rows], n, 4)
 
     def image_features(self, rows: Sequence[int]) -> np.ndarray:
         """(B, N, D) features of the given image rows, zero-padded to the longest."""
@@ -125,11 +122,7 @@ class VQADataset(torch.utils.data.Dataset):
             n = int(self.counts[rows].max()) if len(rows) else 0
             return self.packed[rows, :n]
         feats = [self._read(r) for r in rows]
-        n = max(f.shape[0] for f in feats)
-        out = np.zeros((len(feats), n, self.feat_size), dtype=np.float32)
-        for i, f in enumerate(feats):
-            out[i, : f.shape[0]] = f
-        return out
+        return _zero_padded(feats, max(f.shape[0] for f in feats), self.feat_size)
 
     def __getitem__(self, indices: Sequence[int]) -> dict[str, torch.Tensor]:
         indices = np.asarray(indices, dtype=np.int64)
@@ -148,9 +141,8 @@ class VQADataset(torch.utils.data.Dataset):
         return batch
 
 
-def _zero_padded(arrays: Sequence[np.ndarray], n: int) -> np.ndarray:
+def _zero_padded(arrays: Sequence[np.ndarray], n: int, width: int) -> np.ndarray:
     """(len(arrays), n, width) float32: each (N_i, width) array in its first N_i rows, zeros after."""
-    width = arrays[0].shape[1] if len(arrays) else 4
     out = np.zeros((len(arrays), n, width), dtype=np.float32)
     for i, a in enumerate(arrays):
         out[i, : a.shape[0]] = a

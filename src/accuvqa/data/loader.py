@@ -89,12 +89,9 @@ def bucket_by_regions(order: np.ndarray, regions: np.ndarray, batch_size: int, w
     return np.concatenate(out)
 
 
-def sample_regions(dataset: Any) -> np.ndarray | None:
-    """Each sample's region count (at most IMG_FEAT_PAD_SIZE), or None for a dataset without them."""
-    regions, rows = getattr(dataset, "regions", None), getattr(dataset, "question_row", None)
-    if regions is None or rows is None:
-        return None
-    return np.minimum(regions[rows], dataset.pad_size)
+def sample_regions(dataset: VQADataset) -> np.ndarray:
+    """Each sample's region count (at most IMG_FEAT_PAD_SIZE)."""
+    return np.minimum(dataset.regions[dataset.question_row], dataset.pad_size)
 
 
 def eval_batches(n_samples: int, batch_size: int) -> list[np.ndarray]:
