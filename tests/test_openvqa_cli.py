@@ -1,4 +1,4 @@
-"""BAN and MMNasNet through every command: train, val, test, predict (features file and image), check."""
+"""Every ported openvqa model through every command: train, val, test, predict (features file and image), check."""
 
 import json
 from pathlib import Path
@@ -6,10 +6,14 @@ from pathlib import Path
 import pytest
 
 from accuvqa.checkpoint import load_checkpoint
+from accuvqa.models import model_spec
 from conftest import ROOT, cli_overrides, run_cli
 
 # tiny sizes on top of each model's easy-VQA preset, and a parameter only that model has
 TINY = {
+    "mfb": ({"HIDDEN_SIZE": 16, "MFB_O": 16, "LSTM_OUT_SIZE": 16}, "backbone.mfb.proj_i.weight"),
+    "mfh": ({"HIDDEN_SIZE": 16, "MFB_O": 16, "LSTM_OUT_SIZE": 16}, "backbone.mfh2.proj_i.weight"),
+    "butd": ({"HIDDEN_SIZE": 16, "FLAT_OUT_SIZE": 24}, "classifer.3.weight_v"),
     "ban": ({"GLIMPSE": 2, "HIDDEN_SIZE": 32, "FLAT_OUT_SIZE": 64}, "backbone.BiAtt.logits.h_mat_v"),
     "mmnasnet": ({"ARCH": "{enc: [SA, FFN], dec: [GA, RSA, FFN]}", "HIDDEN_SIZE": 32, "REL_HBASE": 8,
                   "MULTI_HEAD": 4, "FLAT_MLP_SIZE": 32, "FLAT_OUT_SIZE": 64},
@@ -29,7 +33,8 @@ def test_every_command_runs_the_model(model, easyvqa_slice, tmp_path):
     assert r.returncode == 0, r.stderr
     assert "BATCH_SIZE 64 = 22 x 3 x 1" in r.stdout
     state = load_checkpoint(tmp_path / "ck/ckpt_e2e/epoch1.pkl")
-    assert own_param in state["state_dict"]
+    assert own_param in state["state_dict"] and model_spec(model).answer_param in state["state_dict"]
+    assert state["config"]["MODEL_USE"] == model
     (line,) = [json.loads(x) for x in (tmp_path / "res/e2e/metrics.jsonl").read_text().splitlines()]
     assert line["split"] == "val" and 0 <= line["accuracy"] <= 100
 

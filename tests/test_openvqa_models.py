@@ -3,7 +3,6 @@ and the KL-divergence loss (LOSS_FUNC kld) that MFB and MFH train with."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
@@ -162,39 +161,3 @@ def test_check_judges_in_float64_when_float32_rounding_exceeds_the_tolerance(eas
     float64_rows = out.split("the same in float64:")[1].splitlines()[3:7]  # k = 1, 2, 4, 8
     assert [int(row.split()[0]) for row in float64_rows] == [1, 2, 4, 8]
     assert max(float(row.split()[3]) for row in float64_rows) < 1e-10
-
-
-# --- every command, on the easy-VQA slice ---------------------------------------------------------
-@pytest.mark.slow
-@pytest.mark.parametrize("name", ["mfb", "mfh", "butd"])  # ban, mmnasnet: tests/test_openvqa_cli.py
-def test_every_command_runs_the_model(name: str, easyvqa_slice: dict, tmp_path: Path, capsys) -> None:
-    """train (2 micro-batches), val, test, predict and check through the command line's entry point,
-    from the model's easy-VQA preset at tiny sizes."""
-    import easy_vqa
-
-    from accuvqa.cli import run
-    from conftest import ROOT, cli_overrides
-
-    tiny = {"HIDDEN_SIZE": 16, "FLAT_OUT_SIZE": 24} if name == "butd" else {"HIDDEN_SIZE": 16, "MFB_O": 16,
-                                                                             "LSTM_OUT_SIZE": 16}
-    common = ["--config", str(ROOT / f"configs/easyvqa_{name}.yml"), "--DATASET_PATH", easyvqa_slice["DATASET_PATH"],
-              "--FEATURE_PATH", easyvqa_slice["FEATURE_PATH"], "--CKPTS_PATH", str(tmp_path / "ck"),
-              "--RESULT_PATH", str(tmp_path / "res"), "--VERSION", "e2e", "--VERBOSE", "False", *cli_overrides(tiny)]
-    assert run(["train", *common, "--MAX_EPOCH", "1", "--GRAD_ACCU_STEPS", "2"]) == 0
-    state = torch.load(tmp_path / "ck/ckpt_e2e/epoch1.pkl", weights_only=True)
-    assert model_spec(name).answer_param in state["state_dict"] and state["config"]["MODEL_USE"] == name
-    val_line = (tmp_path / "res/e2e/metrics.jsonl").read_text().splitlines()[-1]
-    capsys.readouterr()
-
-    assert run(["val", *common, "--CKPT_EPOCH", "1"]) == 0
-    # the same checkpoint on the same split: the training run's figure
-    assert f"{json.loads(val_line)['accuracy']:.2f}%" in capsys.readouterr().out
-    assert run(["test", *common, "--CKPT_EPOCH", "1"]) == 0
-    assert (tmp_path / "res/e2e/result_test.json").is_file()
-    png = sorted(easy_vqa.get_test_image_paths().items())[0][1]
-    capsys.readouterr()
-    assert run(["predict", *common, "--CKPT_EPOCH", "1", "--image", png, "--question", "What color is the shape?"]) == 0
-    answers = capsys.readouterr().out.splitlines()
-    assert len(answers) == 5 and all(len(line.split()) == 2 for line in answers)
-    assert run(["check", *common]) == 0
-    assert "verdict: equivalent" in capsys.readouterr().out
