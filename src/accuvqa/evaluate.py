@@ -8,7 +8,6 @@ files once.
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import numpy as np
@@ -25,7 +24,7 @@ from accuvqa.data.vocab import Vocab
 from accuvqa.files import append_jsonl, write_json_atomic
 from accuvqa.metrics import evaluate as vqa_evaluate
 from accuvqa.models import model_inputs
-from accuvqa.runlog import append_log, progress
+from accuvqa.runlog import append_log, progress, run_dir
 from accuvqa.runtime import Runtime, gather, rank_failures, setup_runtime, shard, to_device
 
 
@@ -85,7 +84,7 @@ def record_metrics(cfg: Config, split: str, epoch: int, step: int | None, result
         line.update({"accuracy": result["accuracy"], "per_answer_type": result["per_answer_type"], "loss": loss,
                      "per_question_type": result["per_question_type"]})
     line.update(train or {})
-    append_jsonl(Path(cfg.RESULT_PATH) / cfg.run_version / "metrics.jsonl", line)
+    append_jsonl(run_dir(cfg) / "metrics.jsonl", line)
     return line
 
 
@@ -122,7 +121,7 @@ def run_eval(cfg: Config, split: str) -> dict[str, Any]:
         return summary
     ix_to_ans = vocab.ix_to_ans
     answers = [ix_to_ans[i] for i in top_ix]
-    out_dir = Path(cfg.RESULT_PATH) / cfg.run_version
+    out_dir = run_dir(cfg)
     if split == "test":
         submission = [{"question_id": q, "answer": a} for q, a in zip(records.question_id.tolist(), answers)]
         summary["submission"] = str(write_json_atomic(out_dir / "result_test.json", submission))
