@@ -1,7 +1,7 @@
 """Where an MCAN-small update's time goes, and what each speed lever changes, on VQA v2-shaped data.
 
     .venv/bin/python benchmarks/step_levers.py --tree /tmp/perf/tree16 [--batch-size 16] [--updates 6]
-        [--levers profile bucket sdpa adam bf16 threads compile]
+        [--levers profile bucket sdpa adam backward bf16 threads compile]
 
 --tree: the --out of `benchmarks/make_vqa_tree.py`, prepared (the packed store is read). Batches
 come from the real loader (`make_dataset`, `epoch_batches`, `dataset[indices]`) of the train split.
@@ -16,7 +16,9 @@ levers: two set-ups A and B, each on its own copy of the model (same initial wei
     median(B s/sample) / median(A s/sample): < 1 means B is faster.
     bucket: BUCKET_WINDOW 0 vs 16 (batches differ: time per sample over the same epoch positions)
     sdpa: MHAtt's explicit softmax path vs F.scaled_dot_product_attention (the default)
-    adam: foreach Adam (the default) vs fused Adam
+    adam: foreach Adam vs fused Adam (the default where torch has it, see `make_optimizer`)
+    backward: LayerNorm and FC (linear, ReLU, dropout) through plain autograd on the original formulas
+        vs their written-out backward passes (the default; `accuvqa.models.layers`)
     bf16: float32 vs AMP bf16 autocast
     threads: torch.set_num_threads(1) vs (2)
     compile: eager vs COMPILE (model.compile(dynamic=True)); the compile time is printed apart
@@ -47,6 +49,7 @@ from accuvqa.data.loader import epoch_batches, make_dataset, sample_regions
 from accuvqa.data.records import load_records
 from accuvqa.data.vocab import build_vocab
 from accuvqa.models import build_model
+from accuvqa.models.layers import FC, LayerNorm, layer_norm_values
 from accuvqa.runtime import Runtime
 from accuvqa.train import make_loss_fn, make_optimizer
 
@@ -123,7 +126,13 @@ def _setup(cfg, vocab, base_state, **kw):
         for m in model.modules():
             if hasattr(m, "use_sdpa"):
                 m.use_sdpa = False
-    opt_cfg = cfg.replace(OPT_PARAMS={"fused": True, "foreach": False}) if kw.get("fused") else cfg
+    if kw.get("formulas"):  # LayerNorm and FC through plain autograd, as before their written-out backward
+        for m in model.modules():
+            if isinstance(m, LayerNorm):
+                m.forward = lambda x, m=m: layer_norm_values(x, m.a_2, m.b_2, m.eps)
+            if isinstance(m, FC) and m.dropout_r > 0:
+                m.forward = lambda x, m=m: m.dropout(m.relu(m.linear(x)))
+    opt_cfg = cfg.replace(OPT_PARAMS={"foreach": True}) if kw.get("foreach") else cfg  # default: fused
     compile_s = 0.0
     if kw.get("compile"):
         model.compile(dynamic=True)
@@ -134,7 +143,8 @@ def _setup(cfg, vocab, base_state, **kw):
 
 LEVERS = {  # name: (A, B) set-up keywords, A first
     "sdpa": ({"sdpa": False}, {}),
-    "adam": ({}, {"fused": True}),
+    "adam": ({"foreach": True}, {}),
+    "backward": ({"formulas": True}, {}),
     "bf16": ({}, {"bf16": True}),
     "threads": ({"threads": 1}, {"threads": 2}),
     "compile": ({}, {"compile": True}),

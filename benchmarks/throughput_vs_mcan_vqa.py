@@ -10,7 +10,10 @@ prepare`, so the packed store exists).
 (a) accuvqa: `accuvqa train --config configs/small.yml` on the tree's train split, one epoch,
     no evaluation, in a fresh process; samples/s = updates x BATCH_SIZE / the process's wall time
     (start-up, data, model, every update and the epoch's checkpoint included). Each --variant adds
-    its overrides (e.g. `--variant nobucket "--BUCKET_WINDOW 0"`); the first variant is "preset".
+    its overrides (e.g. `--variant nobucket "--BUCKET_WINDOW 0"`; a NAME=VALUE word is set in the
+    run's environment instead, e.g. `--variant glibc-heap "MALLOC_TOP_PAD_=131072"`, which sets
+    glibc's default and so leaves its heap alone, see `keep_freed_memory`); the first variant is
+    "preset".
 (b) mcan-vqa: its `Net` (MCAN-small's sizes, the same dictionary sizes) in a fresh process, the
     training step of its `core/exec.py` timed alone (zero_grad, forward, `BCELoss(reduction='sum')`
     on the sigmoid output, backward, the loss read on the host, the per-parameter gradient norms it
@@ -47,12 +50,15 @@ def tree_overrides(tree: Path) -> list[str]:
 
 def run_accuvqa(tree: Path, batch_size: int, threads: int, extra: list[str], work: Path, tag: str) -> dict:
     """One whole `accuvqa train` run in a fresh process: wall time, updates, samples/s."""
+    env_settings = [e for e in extra if re.match(r"^[A-Z_][A-Z0-9_]*=", e)]
+    extra = [e for e in extra if e not in env_settings]
     cmd = [str(ROOT / ".venv/bin/accuvqa"), "train", "--config", str(ROOT / "configs/small.yml"),
            *tree_overrides(tree), "--BATCH_SIZE", str(batch_size), "--MAX_EPOCH", "1", "--EVAL_EVERY_EPOCH", "False",
            "--VERBOSE", "False", "--NUM_THREADS", str(threads), "--VERSION", tag,
            "--CKPTS_PATH", str(work / "ckpts"), "--RESULT_PATH", str(work / "results"), *extra]
+    env = dict(os.environ, **dict(e.split("=", 1) for e in env_settings))
     start = time.perf_counter()
-    done = subprocess.run(cmd, capture_output=True, text=True)
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env)
     wall = time.perf_counter() - start
     if done.returncode != 0:
         sys.exit(f"accuvqa train failed ({done.returncode}):\n{done.stderr[-3000:]}")

@@ -42,7 +42,7 @@ class Config:
     PRELOAD: bool = False
     NUM_WORKERS: int = 0
     PIN_MEM: bool = False
-    BUCKET_WINDOW: int = 0  # > 1: batches of similar region counts within windows of this many batches
+    BUCKET_WINDOW: int = 16  # > 1: batches of similar region counts within windows of this many batches
     USE_GLOVE: bool = False
     WORD_VECTORS: str = "en_vectors_web_lg"  # USE_GLOVE: spaCy package/folder, or a GloVe text file
     WORD_EMBED_SIZE: int = 300

@@ -26,7 +26,7 @@ COMMON: dict[str, tuple[str, str]] = {
     "VAL_FRACTION": ("data", "easyvqa: share of the train images held out as the val split"),
     "PRELOAD": ("data", "read every feature into memory before training"),
     "BUCKET_WINDOW": ("data", "> 1: batches of similar region counts within windows of this many batches, "
-                                  "order still fixed by SEED (0: off)"),
+                                  "order still fixed by SEED (0 or 1: off, batches as drawn)"),
     "NUM_WORKERS": ("data", "loader worker processes (0: load in the training process)"),
     "PIN_MEM": ("data", "pin batches in page-locked memory (faster copies to a GPU)"),
     "USE_GLOVE": ("data", "start word embeddings from pre-trained vectors (WORD_VECTORS)"),

@@ -21,7 +21,7 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 
-from accuvqa.accumulate import GradientAccumulator
+from accuvqa.accumulate import GradientAccumulator, keep_freed_memory
 from accuvqa.checkpoint import (Position, checkpoint_path, checkpoint_state, checkpoint_vocab, guard_new_run,
                                 latest_checkpoint, load_checkpoint, resolve_checkpoint, restore_run,
                                 save_run_checkpoint, step_checkpoint_path)
@@ -81,13 +81,29 @@ def make_loss_fn(cfg: Config) -> Callable[[torch.nn.Module, dict], tuple[torch.T
 
 
 def make_optimizer(cfg: Config, model: torch.nn.Module) -> torch.optim.Optimizer:
-    """torch.optim.<OPT> with OPT_PARAMS; OPT_BETAS / OPT_EPS for optimizers that take betas / eps."""
+    """torch.optim.<OPT> with OPT_PARAMS; OPT_BETAS / OPT_EPS for optimizers that take betas / eps.
+
+    The fused implementation (one kernel per parameter for the whole update) is used where OPT has one
+    and every parameter is a floating tensor on the CPU or a CUDA device, unless OPT_PARAMS names
+    `fused` or `foreach`; otherwise the foreach one. Both compute the same update up to rounding
+    (tests/test_optimizer.py); the fused one is faster (docs/benchmarks.md, "Levers")."""
     opt = getattr(torch.optim, cfg.OPT)
     accepted = inspect.signature(opt).parameters
-    params: dict[str, Any] = {"betas": cfg.OPT_BETAS, "eps": cfg.OPT_EPS, "foreach": True}
+    user = {k: tuple(v) if isinstance(v, list) else v for k, v in cfg.OPT_PARAMS.items()}
+    params: dict[str, Any] = {"betas": cfg.OPT_BETAS, "eps": cfg.OPT_EPS}
+    if "fused" in accepted and not {"fused", "foreach"} & user.keys() and _fusable(model):
+        params["fused"] = True
+    else:
+        params["foreach"] = True
     params = {k: v for k, v in params.items() if k in accepted}
-    params.update({k: tuple(v) if isinstance(v, list) else v for k, v in cfg.OPT_PARAMS.items()})
+    params.update(user)
     return opt(model.parameters(), lr=cfg.LR_BASE, **params)
+
+
+def _fusable(model: torch.nn.Module) -> bool:
+    """Every parameter a floating tensor on the CPU or a CUDA device (what torch's fused optimizers take)."""
+    params = list(model.parameters())
+    return bool(params) and all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params)
 
 
 def effective_batch_text(batch_size: int, micro_batches: int, world_size: int) -> str:
@@ -106,6 +122,8 @@ def train(cfg: Config) -> dict[str, Any]:
     with RESUME, continue a run exactly where its checkpoint left it. Return a summary."""
     # set-up
     rt = setup_runtime(cfg)
+    if rt.device.type == "cpu":
+        keep_freed_memory()  # each update's activations reuse the heap's pages (see there)
     if rt.is_main:
         guard_new_run(cfg)
     resume, resume_path = None, None

@@ -33,11 +33,38 @@ class FC(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Apply linear (+ ReLU) (+ dropout)."""
         x = self.linear(x)
+        if self.use_relu and self.dropout_r > 0 and self.training and x.requires_grad and self.dropout.p > 0:
+            return ReLUDropout.apply(x, self.dropout.p)  # the same values, less memory kept for backward
         if self.use_relu:
             x = self.relu(x)
         if self.dropout_r > 0:
             x = self.dropout(x)
         return x
+
+
+class ReLUDropout(torch.autograd.Function):
+    """dropout(relu(x)) in training, keeping only the output for backward.
+
+    The forward runs torch's own ReLU and dropout, so values and random numbers are those of the
+    two modules. Autograd would keep the ReLU output and the dropout's scaled mask (two tensors of
+    the input's size) besides the output that the next linear layer keeps anyway; here the gradient
+    is read off that output: it is positive exactly where the ReLU passed and dropout kept, and
+    there the gradient is the incoming one times dropout's scale 1 / (1 - p), as autograd computes
+    it (tests/test_layers.py compares the two bit for bit).
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, p: float) -> torch.Tensor:  # noqa: D102
+        out = F.dropout(F.relu(x), p, training=True)
+        ctx.scale = torch.ones((), dtype=x.dtype, device=x.device).div_(1 - p)  # dropout's scale, its dtype
+        ctx.save_for_backward(out)
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:  # noqa: D102
+        (out,) = ctx.saved_tensors
+        return torch.ops.aten.threshold_backward(grad * ctx.scale, out, 0), None  # ReLU's own backward kernel
 
 
 class MLP(nn.Module):
@@ -66,8 +93,60 @@ class LayerNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Normalise over the last dimension."""
-        std, mean = torch.std_mean(x, dim=-1, keepdim=True)  # unbiased std, as in the original
-        return self.a_2 * (x - mean) / (std + self.eps) + self.b_2
+        if torch.is_grad_enabled() and (x.requires_grad or self.a_2.requires_grad or self.b_2.requires_grad):
+            return OriginalLayerNorm.apply(x, self.a_2, self.b_2, self.eps)
+        return layer_norm_values(x, self.a_2, self.b_2, self.eps)
+
+
+def layer_norm_values(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, eps: float) -> torch.Tensor:
+    """a * (x - mean) / (std + eps) + b over the last dimension, unbiased std, in the original's order."""
+    std, mean = torch.std_mean(x, dim=-1, keepdim=True)
+    return a * (x - mean) / (std + eps) + b
+
+
+class OriginalLayerNorm(torch.autograd.Function):
+    """mcan-vqa's LayerNorm with a written-out backward that keeps one tensor of the input's size.
+
+    The forward computes the same values with the same operations as `layer_norm_values`. Autograd
+    through those operations keeps three input-sized tensors (x, x - mean and a * (x - mean)); this
+    keeps x - mean and the per-row std. With n features, c = x - mean, s the unbiased std,
+    d = s + eps, h = c / d and g = a * grad:
+
+        grad_x = (g - mean(g)) / d - h * sum(g * h) / ((n - 1) s),
+        grad_a = sum over rows of grad * h,   grad_b = sum over rows of grad
+
+    (the mean of the second term of grad_x is zero because sum(c) is). A row with s = 0 gets
+    grad_x = (g - mean(g)) / d where autograd would give NaN. tests/test_layers.py compares it with
+    autograd in float64.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, eps: float) -> torch.Tensor:  # noqa: D102
+        std, mean = torch.std_mean(x, dim=-1, keepdim=True)
+        centred = x - mean
+        denom = std + eps
+        ctx.save_for_backward(centred, std, denom, a)
+        ctx.dtypes = (x.dtype, a.dtype, b.dtype)
+        return a * centred / denom + b
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:  # noqa: D102
+        centred, std, denom, a = ctx.saved_tensors
+        x_dtype, a_dtype, b_dtype = ctx.dtypes
+        normed = centred / denom
+        rows = tuple(range(grad.dim() - 1))
+        grad_x = grad_a = grad_b = None
+        if ctx.needs_input_grad[0]:
+            g = grad * a
+            n = centred.size(-1)
+            coef = torch.where(std > 0, (g * normed).sum(-1, keepdim=True) / ((n - 1) * std), 0)
+            grad_x = ((g - g.mean(-1, keepdim=True)) / denom - coef * normed).to(x_dtype)
+        if ctx.needs_input_grad[1]:
+            grad_a = (grad * normed).sum(rows).to(a_dtype)
+        if ctx.needs_input_grad[2]:
+            grad_b = grad.sum(rows).to(b_dtype)
+        return grad_x, grad_a, grad_b, None
 
 
 class MHAtt(nn.Module):

@@ -1,0 +1,114 @@
+"""The optimizer `train` builds (fused where torch has it) and the CPU heap setting of a training process."""
+
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from torch import nn
+
+from accuvqa.accumulate import GradientAccumulator
+from accuvqa.config import load_config
+from accuvqa.train import make_optimizer
+
+
+def model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(6, 32), nn.Tanh(), nn.Linear(32, 5))
+
+
+def test_fused_where_torch_has_one_foreach_otherwise():
+    assert make_optimizer(load_config(), model()).defaults["fused"] is True  # Adam on the CPU
+    assert make_optimizer(load_config(overrides={"OPT": "SGD"}), model()).defaults["fused"] is True
+    adamax = make_optimizer(load_config(overrides={"OPT": "Adamax"}), model())  # no fused Adamax in torch
+    assert adamax.defaults["foreach"] is True and "fused" not in adamax.defaults
+    # OPT_PARAMS naming foreach or fused decides
+    chosen = make_optimizer(load_config(overrides={"OPT_PARAMS": {"foreach": False}}), model()).defaults
+    assert chosen["foreach"] is False and not chosen["fused"]
+    chosen = make_optimizer(load_config(overrides={"OPT_PARAMS": {"fused": False}}), model()).defaults
+    assert chosen["foreach"] is True and not chosen["fused"]
+    # a half-precision parameter on the CPU is taken, an integer buffer-like parameter is not
+    odd = model()
+    odd.register_parameter("count", nn.Parameter(torch.zeros(2, dtype=torch.int64), requires_grad=False))
+    assert make_optimizer(load_config(), odd).defaults["foreach"] is True
+
+
+def adam_float64(params, grads_per_step, lr, betas, eps):
+    """Adam written out in float64 from its paper's formulas: the independent reference."""
+    p = [x.detach().double().clone() for x in params]
+    m = [torch.zeros_like(x) for x in p]
+    v = [torch.zeros_like(x) for x in p]
+    for t, grads in enumerate(grads_per_step, start=1):
+        for i, g in enumerate(grads):
+            g = g.double()
+            m[i] = betas[0] * m[i] + (1 - betas[0]) * g
+            v[i] = betas[1] * v[i] + (1 - betas[1]) * g * g
+            m_hat, v_hat = m[i] / (1 - betas[0] ** t), v[i] / (1 - betas[1] ** t)
+            p[i] = p[i] - lr * m_hat / (v_hat.sqrt() + eps)
+    return p
+
+
+@pytest.mark.parametrize("opt_params", [{}, {"foreach": True}])
+def test_fused_and_foreach_adam_make_the_same_updates(opt_params):
+    """Five accumulated updates (3 micro-batches each) agree with float64 Adam to float32 rounding."""
+    cfg = load_config(overrides={"OPT_PARAMS": opt_params, "LR_BASE": 1e-2})
+    net = model()
+    start = [p.detach().clone() for p in net.parameters()]
+    optimizer = make_optimizer(cfg, net)
+    assert bool(optimizer.defaults.get("fused")) is (not opt_params)
+    seen = []
+
+    def loss_fn(m, batch):
+        return nn.functional.mse_loss(m(batch["x"]), batch["y"], reduction="sum"), batch["x"].shape[0]
+
+    acc = GradientAccumulator(net, optimizer, micro_batches=3)
+    gen = torch.Generator().manual_seed(3)
+    for _ in range(5):
+        batch = {"x": torch.randn(10, 6, generator=gen), "y": torch.randn(10, 5, generator=gen)}
+        original_step = optimizer.step
+
+        def record(*args, **kw):
+            seen.append([p.grad.detach().clone() for p in net.parameters()])
+            return original_step(*args, **kw)
+
+        optimizer.step = record
+        acc.step(batch, loss_fn)
+        optimizer.step = original_step
+    want = adam_float64(start, seen, cfg.LR_BASE, cfg.OPT_BETAS, cfg.OPT_EPS)
+    for got, ref, first in zip(net.parameters(), want, start):
+        moved = float((ref - first.double()).abs().max())
+        assert moved > 1e-3  # the updates did move the weights
+        assert float((got.detach().double() - ref).abs().max()) <= 1e-5 * moved + 1e-6
+
+
+HEAP_PROBE = textwrap.dedent("""
+    import sys, torch
+    from accuvqa.accumulate import keep_freed_memory
+    def rss_mib():
+        for line in open("/proc/self/status"):
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    kept = keep_freed_memory() if sys.argv[1] == "keep" else False
+    before = rss_mib()
+    block = torch.ones(4 << 20)  # 16 MiB, filled: its pages are resident
+    del block
+    print(kept, round(rss_mib() - before))
+""")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc heap setting and /proc are Linux-only")
+def test_keep_freed_memory_keeps_pages_and_yields_to_the_environment(tmp_path):
+    def probe(mode, env=None):
+        out = subprocess.run([sys.executable, "-c", HEAP_PROBE, mode], capture_output=True, text=True, check=True,
+                             env=env).stdout.split()
+        return out[0] == "True", int(out[1])
+
+    kept, resident = probe("keep")
+    if not kept:
+        pytest.skip("no glibc mallopt here")
+    assert resident >= 12  # the freed 16 MiB stayed on the heap for the next tensor
+    assert probe("default") == (False, pytest.approx(0, abs=4))  # glibc's default hands it back at once
+    import os
+    env = dict(os.environ, MALLOC_ARENA_MAX="2")
+    assert probe("keep", env)[0] is False  # the environment tunes glibc: left alone
