@@ -1,6 +1,6 @@
 """Under a memory cap, which BATCH_SIZE trains MCAN-small with GRAD_ACCU_STEPS 1 and with `auto`.
 
-    .venv/bin/python benchmarks/auto_batch_memory.py [--cap-mib 4096] [--batch-sizes 32 64 128 256] [--threads 2]
+    .venv/bin/python benchmarks/auto_batch_memory.py [--cap-mib 4096] [--batch-sizes 32 64 128 256] [--ks 1 auto] [--threads 2]
 
 Each (BATCH_SIZE, GRAD_ACCU_STEPS) runs in a fresh process: build `load_config("small")`'s model
 (`build_model(cfg, 20573, 3129)`), `make_optimizer`, `make_loss_fn` and one worst-case batch
@@ -70,6 +70,8 @@ def main() -> None:
     parser.add_argument("--cap-mib", type=int, default=4096, help="RLIMIT_AS (address space) in MiB")
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[32, 64, 128, 256])
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--ks", nargs="+", default=["1", "auto"], choices=["1", "auto"],
+                        help="GRAD_ACCU_STEPS settings to run for each BATCH_SIZE")
     parser.add_argument("--child", nargs=2, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child is not None:
@@ -80,7 +82,7 @@ def main() -> None:
           f"{'base VmSize':>11}  {'peak RSS':>8}  {'VmPeak':>7}")
     largest: dict[str, int] = {}
     for batch_size in args.batch_sizes:
-        for k in ("1", "auto"):
+        for k in args.ks:
             done = subprocess.run([sys.executable, __file__, "--child", str(batch_size), k, "--cap-mib",
                                    str(args.cap_mib), "--threads", str(args.threads)], capture_output=True, text=True)
             if done.returncode != 0:

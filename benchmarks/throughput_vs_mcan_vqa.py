@@ -11,9 +11,8 @@ prepare`, so the packed store exists).
     no evaluation, in a fresh process; samples/s = updates x BATCH_SIZE / the process's wall time
     (start-up, data, model, every update and the epoch's checkpoint included). Each --variant adds
     its overrides (e.g. `--variant nobucket "--BUCKET_WINDOW 0"`; a NAME=VALUE word is set in the
-    run's environment instead, e.g. `--variant glibc-heap "MALLOC_TOP_PAD_=131072"`, which sets
-    glibc's default and so leaves its heap alone, see `keep_freed_memory`); the first variant is
-    "preset".
+    run's environment instead, e.g. `--variant heap "MALLOC_MMAP_THRESHOLD_=33554432"`); the first
+    variant is "preset".
 (b) mcan-vqa: its `Net` (MCAN-small's sizes, the same dictionary sizes) in a fresh process, the
     training step of its `core/exec.py` timed alone (zero_grad, forward, `BCELoss(reduction='sum')`
     on the sigmoid output, backward, the loss read on the host, the per-parameter gradient norms it

@@ -1,8 +1,4 @@
-"""The optimizer `train` builds (fused where torch has it) and the CPU heap setting of a training process."""
-
-import subprocess
-import sys
-import textwrap
+"""The optimizer `train` builds: fused where torch has one, the same updates as foreach and as float64 Adam."""
 
 import pytest
 import torch
@@ -80,35 +76,3 @@ def test_fused_and_foreach_adam_make_the_same_updates(opt_params):
         moved = float((ref - first.double()).abs().max())
         assert moved > 1e-3  # the updates did move the weights
         assert float((got.detach().double() - ref).abs().max()) <= 1e-5 * moved + 1e-6
-
-
-HEAP_PROBE = textwrap.dedent("""
-    import sys, torch
-    from accuvqa.accumulate import keep_freed_memory
-    def rss_mib():
-        for line in open("/proc/self/status"):
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    kept = keep_freed_memory() if sys.argv[1] == "keep" else False
-    before = rss_mib()
-    block = torch.ones(4 << 20)  # 16 MiB, filled: its pages are resident
-    del block
-    print(kept, round(rss_mib() - before))
-""")
-
-
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc heap setting and /proc are Linux-only")
-def test_keep_freed_memory_keeps_pages_and_yields_to_the_environment(tmp_path):
-    def probe(mode, env=None):
-        out = subprocess.run([sys.executable, "-c", HEAP_PROBE, mode], capture_output=True, text=True, check=True,
-                             env=env).stdout.split()
-        return out[0] == "True", int(out[1])
-
-    kept, resident = probe("keep")
-    if not kept:
-        pytest.skip("no glibc mallopt here")
-    assert resident >= 12  # the freed 16 MiB stayed on the heap for the next tensor
-    assert probe("default") == (False, pytest.approx(0, abs=4))  # glibc's default hands it back at once
-    import os
-    env = dict(os.environ, MALLOC_ARENA_MAX="2")
-    assert probe("keep", env)[0] is False  # the environment tunes glibc: left alone

@@ -25,7 +25,6 @@ import functools
 import gc
 import logging
 import math
-import os
 import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Sequence, Union
@@ -101,7 +100,7 @@ def _is_oom(error: BaseException) -> bool:
 def _libc() -> Any:
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or None)
-        return libc if hasattr(libc, "malloc_trim") and hasattr(libc, "mallopt") else None  # glibc only
+        return libc if hasattr(libc, "malloc_trim") else None  # glibc only
     except OSError:
         return None
 
@@ -117,28 +116,6 @@ def release_freed_memory() -> bool:
         return False
     libc.malloc_trim(0)
     return True
-
-
-M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc mallopt parameters (malloc.h)
-HEAP_MMAP_THRESHOLD = 32 << 20  # glibc's ceiling for its own dynamic threshold
-HEAP_TRIM_THRESHOLD = 2**31 - 1
-
-
-def keep_freed_memory() -> bool:
-    """Let CPU training reuse freed tensor memory instead of faulting fresh pages in for every tensor.
-
-    glibc serves large blocks with `mmap` and hands them back on free, and trims the heap's top
-    when it frees more than a threshold, so each update's activations land on new pages that the
-    kernel must fault in and zero. This serves blocks up to 32 MiB from the heap and keeps freed
-    heap pages for the next update (mallopt M_MMAP_THRESHOLD 32 MiB, M_TRIM_THRESHOLD 2 GiB). The
-    peak stays the same; the resident size between updates stays near it. Left alone (False) where
-    the environment tunes glibc itself (any MALLOC_* variable) or glibc is absent.
-    """
-    libc = _libc()
-    if libc is None or any(k.startswith("MALLOC_") for k in os.environ):
-        return False
-    return bool(libc.mallopt(M_MMAP_THRESHOLD, HEAP_MMAP_THRESHOLD)) and bool(
-        libc.mallopt(M_TRIM_THRESHOLD, HEAP_TRIM_THRESHOLD))
 
 
 class GradientAccumulator:

@@ -21,7 +21,7 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 
-from accuvqa.accumulate import GradientAccumulator, keep_freed_memory
+from accuvqa.accumulate import GradientAccumulator
 from accuvqa.checkpoint import (Position, checkpoint_path, checkpoint_state, checkpoint_vocab, guard_new_run,
                                 latest_checkpoint, load_checkpoint, resolve_checkpoint, restore_run,
                                 save_run_checkpoint, step_checkpoint_path)
@@ -122,8 +122,6 @@ def train(cfg: Config) -> dict[str, Any]:
     with RESUME, continue a run exactly where its checkpoint left it. Return a summary."""
     # set-up
     rt = setup_runtime(cfg)
-    if rt.device.type == "cpu":
-        keep_freed_memory()  # each update's activations reuse the heap's pages (see there)
     if rt.is_main:
         guard_new_run(cfg)
     resume, resume_path = None, None
