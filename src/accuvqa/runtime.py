@@ -3,7 +3,6 @@ shards, its failures, the `--nproc` launcher), mixed precision, signals."""
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import re
@@ -20,6 +19,7 @@ import torch
 
 from accuvqa.config import Config, check_batch_split
 from accuvqa.errors import AccuvqaError, ConfigError
+from accuvqa.files import write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -136,9 +136,8 @@ def _report_to_launcher(message: str, consequence: bool = False) -> None:
     """
     path = os.environ.get("TORCHELASTIC_ERROR_FILE")
     if path:
-        try:
-            with open(path, "w") as f:
-                json.dump({"message": message, "timestamp": int(time.time()) + int(consequence)}, f)
+        try:  # atomically: torchrun may read it at any moment once a process has failed (never a torn file)
+            write_json_atomic(path, {"message": message, "timestamp": int(time.time()) + int(consequence)})
         except OSError:
             pass  # the summary then says less; the message is on stderr all the same
 
