@@ -116,8 +116,8 @@ class OriginalLayerNorm(torch.autograd.Function):
         grad_a = sum over rows of grad * h,   grad_b = sum over rows of grad
 
     (the mean of the second term of grad_x is zero because sum(c) is). A row with s = 0 gets
-    grad_x = (g - mean(g)) / d where autograd would give NaN. tests/test_layers.py compares it with
-    autograd in float64.
+    grad_x = (g - mean(g)) / d, as autograd gives. tests/test_layers.py compares it with autograd
+    in float64.
     """
 
     @staticmethod
