@@ -6,10 +6,10 @@ backward passes of its LayerNorm and ReLU + dropout (`accuvqa.models.layers`).
 One training-mode forward pass of MCAN-small (`configs/small.yml`, built for 20,573 tokens and 3,129
 answers) on random inputs of the given shape, under `torch.autograd.graph.saved_tensors_hooks`:
 every tensor autograd keeps for backward (parameters aside) is counted once (by storage) and charged
-to the innermost module of a named kind that was running when it was saved. "formulas" swaps in the original formulas through plain
-autograd (LayerNorm: `layer_norm_values`; FC: linear, in-place ReLU, dropout module), as before
-the written-out backward passes; "accuvqa" is the model as it trains. Unlike peak RSS, this does
-not depend on the allocator.
+to the innermost module of a named kind that was running when it was saved. "formulas" runs the
+original formulas through plain autograd (`plain_autograd`: LayerNorm's formula; FC's linear,
+in-place ReLU and dropout module), as before the written-out backward passes; "accuvqa" is the
+model as it trains. Unlike peak RSS, this does not depend on the allocator.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import torch
 
 from accuvqa.config import load_config
 from accuvqa.models import build_model
-from accuvqa.models.layers import FC, MHAtt, SA, SGA, AttFlat, LayerNorm, layer_norm_values
+from accuvqa.models.layers import FC, MHAtt, SA, SGA, AttFlat, LayerNorm, plain_autograd
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -45,11 +45,7 @@ def measure(formulas: bool, batch: int, regions: int, tokens: int) -> dict[str, 
     torch.manual_seed(0)
     model = build_model(cfg, 20573, 3129).train()
     if formulas:
-        for m in model.modules():
-            if isinstance(m, LayerNorm):
-                m.forward = lambda x, m=m: layer_norm_values(x, m.a_2, m.b_2, m.eps)
-            if isinstance(m, FC) and m.dropout_r > 0:
-                m.forward = lambda x, m=m: m.dropout(m.relu(m.linear(x)))
+        plain_autograd(model)
     stack: list[str] = [REST]
     for m in model.modules():
         m.register_forward_pre_hook(lambda mod, inp: stack.append(

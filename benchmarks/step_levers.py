@@ -49,7 +49,7 @@ from accuvqa.data.loader import epoch_batches, make_dataset, sample_regions
 from accuvqa.data.records import load_records
 from accuvqa.data.vocab import build_vocab
 from accuvqa.models import build_model
-from accuvqa.models.layers import FC, LayerNorm, layer_norm_values
+from accuvqa.models.layers import plain_autograd
 from accuvqa.runtime import Runtime
 from accuvqa.train import make_loss_fn, make_optimizer
 
@@ -127,11 +127,7 @@ def _setup(cfg, vocab, base_state, **kw):
             if hasattr(m, "use_sdpa"):
                 m.use_sdpa = False
     if kw.get("formulas"):  # LayerNorm and FC through plain autograd, as before their written-out backward
-        for m in model.modules():
-            if isinstance(m, LayerNorm):
-                m.forward = lambda x, m=m: layer_norm_values(x, m.a_2, m.b_2, m.eps)
-            if isinstance(m, FC) and m.dropout_r > 0:
-                m.forward = lambda x, m=m: m.dropout(m.relu(m.linear(x)))
+        plain_autograd(model)
     opt_cfg = cfg.replace(OPT_PARAMS={"foreach": True}) if kw.get("foreach") else cfg  # default: fused
     compile_s = 0.0
     if kw.get("compile"):

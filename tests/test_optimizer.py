@@ -24,7 +24,7 @@ def test_fused_where_torch_has_one_foreach_otherwise():
     assert chosen["foreach"] is False and not chosen["fused"]
     chosen = make_optimizer(load_config(overrides={"OPT_PARAMS": {"fused": False}}), model()).defaults
     assert chosen["foreach"] is True and not chosen["fused"]
-    # a half-precision parameter on the CPU is taken, an integer buffer-like parameter is not
+    # an integer parameter (as some models keep counters) rules fused out
     odd = model()
     odd.register_parameter("count", nn.Parameter(torch.zeros(2, dtype=torch.int64), requires_grad=False))
     assert make_optimizer(load_config(), odd).defaults["foreach"] is True
@@ -58,19 +58,17 @@ def test_fused_and_foreach_adam_make_the_same_updates(opt_params):
     def loss_fn(m, batch):
         return nn.functional.mse_loss(m(batch["x"]), batch["y"], reduction="sum"), batch["x"].shape[0]
 
+    original_step = optimizer.step
+
+    def record(*args, **kw):  # the summed gradient each update hands the optimizer
+        seen.append([p.grad.detach().clone() for p in net.parameters()])
+        return original_step(*args, **kw)
+
+    optimizer.step = record
     acc = GradientAccumulator(net, optimizer, micro_batches=3)
     gen = torch.Generator().manual_seed(3)
     for _ in range(5):
-        batch = {"x": torch.randn(10, 6, generator=gen), "y": torch.randn(10, 5, generator=gen)}
-        original_step = optimizer.step
-
-        def record(*args, **kw):
-            seen.append([p.grad.detach().clone() for p in net.parameters()])
-            return original_step(*args, **kw)
-
-        optimizer.step = record
-        acc.step(batch, loss_fn)
-        optimizer.step = original_step
+        acc.step({"x": torch.randn(10, 6, generator=gen), "y": torch.randn(10, 5, generator=gen)}, loss_fn)
     want = adam_float64(start, seen, cfg.LR_BASE, cfg.OPT_BETAS, cfg.OPT_EPS)
     for got, ref, first in zip(net.parameters(), want, start):
         moved = float((ref - first.double()).abs().max())

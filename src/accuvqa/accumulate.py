@@ -97,11 +97,10 @@ def _is_oom(error: BaseException) -> bool:
 
 
 @functools.lru_cache(maxsize=1)
-def _libc() -> Any:
+def _malloc_trim() -> Any:
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or None)
-        return libc if hasattr(libc, "malloc_trim") else None  # glibc only
-    except OSError:
+        return ctypes.CDLL(ctypes.util.find_library("c") or None).malloc_trim  # glibc only
+    except (OSError, AttributeError):
         return None
 
 
@@ -111,10 +110,10 @@ def release_freed_memory() -> bool:
     On CPU, tensors live on the C heap: glibc keeps the pages of freed activations resident, so
     an update's peak RSS stacks on what the previous one left behind.
     """
-    libc = _libc()
-    if libc is None:
+    trim = _malloc_trim()
+    if trim is None:
         return False
-    libc.malloc_trim(0)
+    trim(0)
     return True
 
 
