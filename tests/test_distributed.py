@@ -27,7 +27,7 @@ from accuvqa.data.records import load_split
 from accuvqa.errors import ConfigError
 from accuvqa.evaluate import run_eval
 from accuvqa.models import model_inputs
-from accuvqa.runtime import PeerFailure, gather, rank_failures, setup_runtime, without_nproc
+from accuvqa.runtime import PeerFailure, end_process_group, gather, rank_failures, setup_runtime, without_nproc
 from accuvqa.train import train
 from conftest import ROOT, TINY, cli_overrides, run_cli, write_vqa_layout
 
@@ -81,6 +81,7 @@ def _worker(rank: int, world: int, init_file: str, out_dir: str, reduction: str,
         torch.save({"grads": opt.seen[0], "loss": result.loss, "n_items": result.n_items,
                     "sync_flags": calls, "initial_flag": orig_reducer_hook},
                    os.path.join(out_dir, f"rank{rank}.pt"))
+        dist.barrier()  # neither process tears gloo down while the other still uses it
     finally:
         dist.destroy_process_group()
 
@@ -293,7 +294,7 @@ def _train_worker(rank: int, port: int, overrides: dict, out_dir: str) -> None:
     summary = train_module.train(load_config(overrides=overrides))
     on_disk = Path(summary["checkpoint"]).is_file()  # when train() returns, its last checkpoint exists
     Path(out_dir, f"rank{rank}.json").write_text(json.dumps({"writes": writes, "on_disk": on_disk}))
-    dist.destroy_process_group()
+    end_process_group()
 
 
 @pytest.mark.slow

@@ -126,7 +126,11 @@ def run(argv: Sequence[str] | None = None) -> int:
 
         return launch(args.nproc, without_nproc(argv), cfg)
     module, function = COMMANDS[args.command].target.split(":")
-    return getattr(importlib.import_module(module), function)(cfg, args)
+    code = getattr(importlib.import_module(module), function)(cfg, args)
+    from accuvqa.runtime import end_process_group
+
+    end_process_group()
+    return code
 
 
 def main(argv: Sequence[str] | None = None) -> None:

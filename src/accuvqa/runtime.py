@@ -76,6 +76,17 @@ def setup_runtime(cfg: Config) -> Runtime:
     return Runtime(device=device, rank=rank, world_size=world_size, fail_at=fail_at)
 
 
+def end_process_group() -> None:
+    """After a command succeeded under torchrun: wait for every process, then close the process group.
+
+    A process that exits while another still talks to it over gloo can make that one abort
+    ("terminate called without an active exception"); a failed command never gets here.
+    """
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+
+
 # ----------------------------------------------------------------------------- shards
 
 def shard(items: Sequence[T], rt: Runtime) -> Sequence[T]:
