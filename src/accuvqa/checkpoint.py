@@ -26,8 +26,7 @@ import torch
 
 from accuvqa.accumulate import GradientAccumulator
 from accuvqa.config import Config
-from accuvqa.data.records import load_records
-from accuvqa.data.vocab import Vocab, build_vocab
+from accuvqa.data.vocab import Vocab, checkpoint_vocab
 from accuvqa.errors import CheckpointError, ConfigError
 from accuvqa.files import atomic_write, write_json_atomic
 from accuvqa.models import build_model, model_spec
@@ -310,40 +309,6 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         raise CheckpointError(f"{path} is not an accuvqa/mcan-vqa checkpoint: its 'state_dict' is a "
                               f"{type(state['state_dict']).__name__}, not a mapping of weights")
     return state
-
-
-def checkpoint_vocab(cfg: Config, state: dict[str, Any], path: str | Path | None = None) -> Vocab:
-    """The dictionaries a checkpoint was trained with; an original mcan-vqa one holds none, so they
-    are rebuilt from the data (mcan-vqa's rules) or read from TOKEN_DICT_PATH / ANSWER_DICT_PATH.
-
-    When the checkpoint holds them, a TOKEN_DICT_PATH / ANSWER_DICT_PATH that differs is a
-    CheckpointError naming both (`path` names the checkpoint); an equal one is fine.
-    """
-    from accuvqa.data.vocab import load_answer_dict, load_token_dict
-
-    if "token_to_ix" not in state:
-        train_records = [] if cfg.ANSWER_DICT_PATH else load_records(cfg, cfg.TRAIN_SPLIT, need_answers=True)
-        return build_vocab(cfg, train_records)
-    where = f"checkpoint {path}" if path is not None else "the checkpoint"
-    stored = {"token": state.get("token_to_ix"), "answer": state.get("ans_to_ix")}
-    for what, table in stored.items():
-        if not isinstance(table, dict):
-            raise CheckpointError(f"{where} holds no usable {what} dictionary "
-                                  f"({'token_to_ix' if what == 'token' else 'ans_to_ix'} is {type(table).__name__})")
-    for what, key, read in (("token", "TOKEN_DICT_PATH", load_token_dict),
-                            ("answer", "ANSWER_DICT_PATH", lambda p: load_answer_dict(p)[0])):
-        pinned_path = getattr(cfg, key)
-        if not pinned_path:
-            continue
-        pinned, own = read(pinned_path), stored[what]
-        if pinned != own:
-            diff = next((f"{k!r} is {v} in the file, {own.get(k, 'absent')} in the checkpoint"
-                         for k, v in pinned.items() if own.get(k) != v), None)
-            diff = diff or next((f"{k!r} is absent from the file" for k in own if k not in pinned), "")
-            raise CheckpointError(
-                f"{key} {pinned_path} ({len(pinned)} {what}s) contradicts the {what} dictionary stored in "
-                f"{where} ({len(own)} {what}s; {diff}); drop {key}: the checkpoint's own dictionary is used")
-    return Vocab(stored["token"], stored["answer"])
 
 
 def load_weights(model: torch.nn.Module, state: dict[str, Any], path: Path, model_use: str = "mcan",

@@ -22,13 +22,13 @@ import torch
 import torch.nn.functional as F
 
 from accuvqa.accumulate import GradientAccumulator
-from accuvqa.checkpoint import (Position, checkpoint_path, checkpoint_state, checkpoint_vocab, guard_new_run,
+from accuvqa.checkpoint import (Position, checkpoint_path, checkpoint_state, guard_new_run,
                                 latest_checkpoint, load_checkpoint, resolve_checkpoint, restore_run,
                                 save_run_checkpoint, step_checkpoint_path)
 from accuvqa.config import Config
-from accuvqa.data.loader import batch_loader, epoch_batches, load_questions, make_dataset, sample_regions
-from accuvqa.data.records import annotation_file, parse_splits, question_file
-from accuvqa.data.vocab import Vocab, build_vocab
+from accuvqa.data.loader import (batch_loader, epoch_batches, load_questions, make_dataset, sample_regions,
+                                 validation_set)
+from accuvqa.data.vocab import Vocab, build_vocab, checkpoint_vocab
 from accuvqa.data.word_vectors import load_pretrained_embedding
 from accuvqa.errors import ConfigError, DataError, Stopped
 from accuvqa.evaluate import evaluate_split, record_metrics
@@ -134,10 +134,7 @@ def train(cfg: Config) -> dict[str, Any]:
     vocab = (checkpoint_vocab(cfg, resume, resume_path) if resume and "token_to_ix" in resume
              else build_vocab(cfg, train_records))
     train_set = make_dataset(cfg, train_records, vocab)
-    eval_set = None
-    if (cfg.EVAL_EVERY_EPOCH and "val" not in parse_splits(cfg.TRAIN_SPLIT)
-            and question_file(cfg.DATASET_PATH, "val").is_file() and annotation_file(cfg.DATASET_PATH, "val").is_file()):
-        eval_set = make_dataset(cfg, load_questions(cfg, "val", need_answers=True), vocab)
+    eval_set = validation_set(cfg, vocab) if cfg.EVAL_EVERY_EPOCH else None
     n_batches = len(train_set) // cfg.BATCH_SIZE
     if n_batches == 0:
         raise ConfigError(f"BATCH_SIZE {cfg.BATCH_SIZE} is larger than the training set ({len(train_set)} questions)")

@@ -17,7 +17,8 @@ from accuvqa.config import Config
 from accuvqa.data.dataset import VQADataset
 from accuvqa.data.features import index_features
 from accuvqa.data.qa_store import QAStore, QuestionArrays
-from accuvqa.data.records import VG_FOLDERS, QuestionRecord, load_records
+from accuvqa.data.records import (VG_FOLDERS, QuestionRecord, annotation_file, load_records, parse_splits,
+                                  question_file)
 from accuvqa.data.store import open_stores
 from accuvqa.data.vocab import Vocab
 from accuvqa.errors import AccuvqaError, DataError
@@ -48,6 +49,16 @@ def make_dataset(cfg: Config, records: Sequence[QuestionRecord] | QuestionArrays
                 or index_features(cfg.FEATURE_PATH, sorted(folders)))
     boxes = "bbox" in model_spec(cfg.MODEL_USE).inputs  # region boxes only for a model that reads them
     return VQADataset(cfg, records, vocab.token_to_ix, vocab.ans_to_ix, features, boxes=boxes)
+
+
+def validation_set(cfg: Config, vocab: Vocab) -> VQADataset | None:
+    """The val split to score after each epoch: None when training reads it (TRAIN_SPLIT names val) or
+    the data has no annotated val split."""
+    if "val" in parse_splits(cfg.TRAIN_SPLIT):
+        return None
+    if not (question_file(cfg.DATASET_PATH, "val").is_file() and annotation_file(cfg.DATASET_PATH, "val").is_file()):
+        return None
+    return make_dataset(cfg, load_questions(cfg, "val", need_answers=True), vocab)
 
 
 def epoch_batches(n_samples: int, cfg: Config, epoch: int, rt: Any,
