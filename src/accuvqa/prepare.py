@@ -1,24 +1,21 @@
-"""`accuvqa prepare`: write the bundled easy-VQA in the VQA v2 layout, or check a VQA v2 tree; then
-encode its questions and answers as arrays (and, for VQA v2, pack its features)."""
+"""`accuvqa prepare`: write the bundled easy-VQA in the VQA v2 layout, or check a VQA v2 tree; then build
+the stores every other command reads: the question arrays and the packed features (commands also
+build them themselves on first use; prepare does it ahead of time, with a summary)."""
 
 from __future__ import annotations
 
 import argparse
-from typing import Sequence
+from pathlib import Path
 
 from accuvqa.config import Config
-from accuvqa.runlog import progress
-
-
-def _progress(cfg: Config, items: Sequence, desc: str) -> Sequence:
-    """A bar on a terminal; elsewhere one line per tenth of the work."""
-    return progress(items, desc=desc, every=max(1, len(items) // 10), disable=not cfg.VERBOSE)
+from accuvqa.data.build import build_progress
+from accuvqa.data.records import FOLDERS
+from accuvqa.runlog import print_table
 
 
 def main(cfg: Config, args: argparse.Namespace) -> int:
-    """DATASET easyvqa: write it; DATASET vqa: validate the tree and pack its features. Print a summary."""
-    from accuvqa.cli import print_table
-
+    """DATASET easyvqa: write it; DATASET vqa: validate the tree. Then build the stores every command reads
+    (the question arrays, the packed features) and print a summary."""
     if cfg.DATASET != "easyvqa":
         from accuvqa.data.validate import validate_vqa_tree
 
@@ -31,45 +28,31 @@ def main(cfg: Config, args: argparse.Namespace) -> int:
             for split, v in summary["splits"].items()})
         for note in summary["notes"]:
             print(f"note: {note}")
-        _pack(cfg, sorted({f for v in summary["splits"].values() for f in v["feature_folders"]}))
-        _encode_questions(cfg)
-        return 0
-    from accuvqa.data.easyvqa import prepare_easyvqa
+        folders = sorted({Path(f).name for v in summary["splits"].values() for f in v["feature_folders"]})
+    else:
+        from accuvqa.data.easyvqa import prepare_easyvqa
 
-    summary = prepare_easyvqa(cfg, progress=lambda items, desc: _progress(cfg, items, desc))
-    print_table(f"easy-VQA written to {cfg.DATASET_PATH} and {cfg.FEATURE_PATH}", {
-        split: f"{v['questions']} questions, {v['images']} images" for split, v in summary.items()})
-    _encode_questions(cfg)
+        summary = prepare_easyvqa(cfg, progress=build_progress(cfg.VERBOSE))
+        print_table(f"easy-VQA written to {cfg.DATASET_PATH} and {cfg.FEATURE_PATH}", {
+            split: f"{v['questions']} questions, {v['images']} images" for split, v in summary.items()})
+        folders = [FOLDERS[split] for split in summary]
+    _build_stores(cfg, folders)
     return 0
 
 
-def _encode_questions(cfg: Config) -> None:
-    """Write the questions, answer targets and dictionaries as arrays (kept when current)."""
-    from accuvqa.data.qa_store import prepare_qa_store
-    from accuvqa.errors import DataError
+def _build_stores(cfg: Config, folders: list[str]) -> None:
+    """The question store and each folder's packed features (kept when current, resumed when interrupted)."""
+    from accuvqa.data.feature_store import pack_folder
+    from accuvqa.data.question_store import question_store
 
-    try:
-        store, counts = prepare_qa_store(cfg)
-    except DataError as e:  # the tree is fine; a run reading it would stop on the same error
-        print(f"note: question arrays not written ({e}); runs read the JSON")
-        return
-    size = sum(p.stat().st_size for p in store.iterdir())
-    print(f"question arrays (read by train, val and test): {store} ({size / 2**20:.1f} MiB; "
-          + ", ".join(f"{split} {n} questions" for split, n in counts.items()) + ")")
+    def size(folder: Path) -> str:
+        return f"{sum(p.stat().st_size for p in folder.iterdir()) / 2**20:.1f} MiB"
 
-
-def _pack(cfg: Config, folders: list[str]) -> None:
-    """Pack each feature folder into its memory-mapped store (kept when current, resumed when interrupted)."""
-    from pathlib import Path
-
-    from accuvqa.cli import print_table
-    from accuvqa.data.store import pack_folder
-
-    rows = {}
+    show = build_progress(cfg.VERBOSE)
+    store = question_store(cfg, progress=show)
+    rows = {"questions": f"{store.path} ({size(store.path)}; " + ", ".join(
+        f"{split} {n}" for split, n in store.meta["questions"].items()) + ")"}
     for folder in folders:
-        name = Path(folder).name
-        store = pack_folder(cfg.FEATURE_PATH, name, cfg.IMG_FEAT_SIZE,
-                            progress=lambda items, desc: _progress(cfg, items, desc))
-        size = sum(p.stat().st_size for p in store.iterdir())
-        rows[name] = f"{store} ({size / 2**20:.1f} MiB)"
-    print_table("packed feature stores (read by train, val, test and predict)", rows)
+        path = pack_folder(cfg.FEATURE_PATH, folder, cfg.IMG_FEAT_SIZE, progress=show, store_path=cfg.STORE_PATH)
+        rows[folder] = f"{path} ({size(path)})"
+    print_table("prepared stores (the only data train, val, test, check, predict and serve read)", rows)

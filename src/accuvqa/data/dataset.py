@@ -1,20 +1,17 @@
-"""Batches of (region features, question tokens, soft answer scores) over question records."""
+"""Batches of (region features, question tokens, soft answer scores) from the prepared stores."""
 
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 from typing import Mapping, Sequence
 
 import numpy as np
 import torch
 
 from accuvqa.config import Config
-from accuvqa.data.features import feature_file, read_boxes, read_features, region_counts
-from accuvqa.data.qa_store import QuestionArrays, encode_records
-from accuvqa.data.records import QuestionRecord
-from accuvqa.data.store import PackedFeatures
-from accuvqa.data.vocab import Vocab
+from accuvqa.data.feature_store import PackedFeatures
+from accuvqa.data.features import feature_file
+from accuvqa.data.questions import QuestionArrays
 from accuvqa.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -43,15 +40,12 @@ class VQADataset(torch.utils.data.Dataset):
     with `boxes`, also `bbox` (B, N, 4): each region's x1, y1, x2, y2, zero rows where img_feat is padded.
     """
 
-    def __init__(self, cfg: Config, records: Sequence[QuestionRecord] | QuestionArrays, token_to_ix: dict[str, int],
-                 ans_to_ix: dict[str, int], features: Mapping[int, Path | PackedFeatures], boxes: bool = False) -> None:
-        # the questions as arrays (no object per question, so loader workers share them as they are):
-        # read from `accuvqa prepare`'s store, or encoded here from the JSON's records
-        self.questions = (records if isinstance(records, QuestionArrays)
-                          else encode_records(records, Vocab(token_to_ix, ans_to_ix), cfg.MAX_TOKEN))
-        self.records = self.questions.records  # None when read from the store
+    def __init__(self, cfg: Config, questions: QuestionArrays, features: Mapping[int, PackedFeatures],
+                 boxes: bool = False) -> None:
+        # the questions as arrays (no object per question, so loader workers share them as they are)
+        self.questions = questions
         self.boxes = boxes
-        self.n_answers = len(ans_to_ix)
+        self.n_answers = len(questions.vocab.ans_to_ix)
         self.feat_size = cfg.IMG_FEAT_SIZE
         self.pad_size = cfg.IMG_FEAT_PAD_SIZE
         self.ques_ix = self.questions.ques_ix  # (N, MAX_TOKEN) int32
@@ -62,67 +56,35 @@ class VQADataset(torch.utils.data.Dataset):
             first = int(np.argmax(lacking))
             folder = self.questions.folders[self.questions.folder[first]]
             raise DataError(
-                f"no feature file for image {self.questions.image_id[first]} (question "
+                f"no features for image {self.questions.image_id[first]} (question "
                 f"{self.questions.question_id[first]}): expected "
-                f"{feature_file(cfg.FEATURE_PATH, folder or 'train2014', int(self.questions.image_id[first]))}; "
+                f"{feature_file(cfg.FEATURE_PATH, folder or 'train2014', int(self.questions.image_id[first]))} "
+                f"in its folder when the packed feature store was built; "
                 f"{len(missing)} image(s) of {int(lacking.sum())} question(s) lack one")
         self.question_row = np.searchsorted(self.image_ids, self.questions.image_id)  # (N,) image row of each question
-        # each image's feature file, or its folder's packed store (accuvqa prepare writes one)
-        self.paths = [features[iid] for iid in self.image_ids]
-        self.packed_store = bool(self.paths) and isinstance(self.paths[0], PackedFeatures)
-        # named at start, not mid-epoch: unreadable files, another feature size, what gets cut
-        self.regions = (np.array([s.count(i) for s, i in zip(self.paths, self.image_ids)], dtype=np.int64)
-                        if self.packed_store else region_counts(self.paths, self.feat_size))
+        self.stores = [features[iid] for iid in self.image_ids]  # each image's folder's packed store
+        self.regions = np.array([s.count(i) for s, i in zip(self.stores, self.image_ids)], dtype=np.int64)
         _warn_cut(self.regions, self.questions.n_tokens, cfg, self.questions.split_names())
-        self.packed: np.ndarray | None = None
-        self.counts: np.ndarray | None = None
-        self.packed_boxes: np.ndarray | None = None
-        if cfg.PRELOAD and not self.packed_store:  # a packed store is preloaded by the OS page cache
-            self.preload()
-
-    def preload(self) -> None:
-        """Read every image's features once into one packed array (N_images, max N, D)."""
-        feats = [self._read(row) for row in range(len(self.paths))]
-        n_max = max((f.shape[0] for f in feats), default=0)
-        self.packed = _zero_padded(feats, n_max, self.feat_size)
-        self.counts = np.array([f.shape[0] for f in feats], dtype=np.int64)
-        if self.boxes:
-            self.packed_boxes = _zero_padded([self._read_boxes(row) for row in range(len(self.paths))], n_max, 4)
 
     def __len__(self) -> int:
         return len(self.questions)
 
     def _read(self, row: int) -> np.ndarray:
         """(N, D) regions of the image at `row`, cut to IMG_FEAT_PAD_SIZE."""
-        if self.packed_store:
-            return self.paths[row].read(self.image_ids[row], self.pad_size)
-        return read_features(self.paths[row], self.feat_size, self.pad_size)
+        return self.stores[row].read(self.image_ids[row], self.pad_size)
 
     def _read_boxes(self, row: int) -> np.ndarray:
         """(N, 4) boxes of the image at `row`, one per region read by `_read`."""
-        if self.packed_store:
-            boxes = self.paths[row].read_boxes(self.image_ids[row], self.pad_size)
-        else:
-            boxes = read_boxes(self.paths[row], self.pad_size)
-        regions = min(int(self.regions[row]), self.pad_size)
-        if len(boxes) != regions:
-            raise DataError(f"{self.paths[row]}: image {self.image_ids[row]} has {len(boxes)} boxes 'bbox' for "
-                            f"{regions} regions; boxes and features must come from the same detection")
-        return boxes
+        return self.stores[row].read_boxes(self.image_ids[row], self.pad_size)
 
     def image_boxes(self, rows: Sequence[int], n: int) -> np.ndarray:
         """(B, n, 4) boxes of the given image rows, zero-padded as `image_features` pads."""
-        if self.packed_boxes is not None:
-            return self.packed_boxes[rows, :n]
         return _zero_padded([self._read_boxes(r) for r in rows], n, 4)
 
     def image_features(self, rows: Sequence[int]) -> np.ndarray:
         """(B, N, D) features of the given image rows, zero-padded to the longest."""
-        if self.packed is not None:
-            n = int(self.counts[rows].max()) if len(rows) else 0
-            return self.packed[rows, :n]
         feats = [self._read(r) for r in rows]
-        return _zero_padded(feats, max(f.shape[0] for f in feats), self.feat_size)
+        return _zero_padded(feats, max((f.shape[0] for f in feats), default=0), self.feat_size)
 
     def __getitem__(self, indices: Sequence[int]) -> dict[str, torch.Tensor]:
         indices = np.asarray(indices, dtype=np.int64)

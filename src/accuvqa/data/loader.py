@@ -1,4 +1,5 @@
-"""From records to batches: dataset assembly, the per-epoch batch order, the loader (and its workers)."""
+"""From the prepared stores to batches: questions, dictionaries, datasets, the per-epoch batch order, the loader
+(and its workers)."""
 
 from __future__ import annotations
 
@@ -8,57 +9,82 @@ import threading
 import time
 import traceback
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
 
 from accuvqa.config import Config
+from accuvqa.data.build import build_progress
 from accuvqa.data.dataset import VQADataset
-from accuvqa.data.features import index_features
-from accuvqa.data.qa_store import QAStore, QuestionArrays
-from accuvqa.data.records import (VG_FOLDERS, QuestionRecord, annotation_file, load_records, parse_splits,
-                                  question_file)
-from accuvqa.data.store import open_stores
-from accuvqa.data.vocab import Vocab
-from accuvqa.errors import AccuvqaError, DataError
+from accuvqa.data.feature_store import open_features
+from accuvqa.data.question_store import question_store
+from accuvqa.data.questions import QuestionArrays, encode_records
+from accuvqa.data.records import VG_FOLDERS, QuestionRecord, parse_splits
+from accuvqa.data.vocab import Vocab, load_answer_dict, load_token_dict
+from accuvqa.errors import AccuvqaError, CheckpointError, DataError
 from accuvqa.models import model_spec
 
 
-def load_questions(cfg: Config, split_spec: str, need_answers: bool) -> QuestionArrays | list[QuestionRecord]:
-    """The questions of `split_spec`: the arrays `accuvqa prepare` wrote when they are current, the
-    JSON's records otherwise (a stale store is named in a warning)."""
-    store = QAStore.open(cfg)
-    arrays = store.questions(split_spec, need_answers) if store is not None else None
-    return arrays if arrays is not None else load_records(cfg, split_spec, need_answers)
+def load_questions(cfg: Config, split_spec: str, need_answers: bool) -> QuestionArrays:
+    """The questions of `split_spec` from the question store (built first when missing or stale)."""
+    return question_store(cfg).questions(split_spec, need_answers)
 
 
-def make_dataset(cfg: Config, records: Sequence[QuestionRecord] | QuestionArrays, vocab: Vocab) -> VQADataset:
-    """A dataset over `records` (or `load_questions`' arrays) whose features come from the folders those
-    splits use: their packed stores when every folder has a current one, the per-image `.npz` files otherwise.
-    Its batches carry region boxes (`bbox`) when the configured model's inputs name them."""
-    if isinstance(records, QuestionArrays) and records.vocab != vocab:
-        # arrays encoded with other dictionaries than the run's (a checkpoint's): encode the JSON again
-        records = load_records(cfg, records.split_spec, need_answers=False)
-    used = (records.folders if isinstance(records, QuestionArrays)
-            else list(dict.fromkeys(r.folder for r in records)))
+def make_dataset(cfg: Config, questions: QuestionArrays | Sequence[QuestionRecord], vocab: Vocab) -> VQADataset:
+    """A dataset over `questions` (from `load_questions`, or records a Python caller read itself), encoded
+    with `vocab`, whose features come from the packed stores of the folders they use (built first when
+    missing or stale). Its batches carry region boxes (`bbox`) when the configured model's inputs name them."""
+    questions = (questions.encoded_with(vocab, cfg.MAX_TOKEN) if isinstance(questions, QuestionArrays)
+                 else encode_records(questions, vocab, cfg.MAX_TOKEN))
+    used = questions.folders
     folders = {f for f in used if f}
     if not folders or "" in used:
         folders |= set(VG_FOLDERS)
-    features = (open_stores(cfg.FEATURE_PATH, sorted(folders), cfg.IMG_FEAT_SIZE)
-                or index_features(cfg.FEATURE_PATH, sorted(folders)))
+    features = open_features(cfg.FEATURE_PATH, sorted(folders), cfg.IMG_FEAT_SIZE, preload=cfg.PRELOAD,
+                             store_path=cfg.STORE_PATH, progress=build_progress(cfg.VERBOSE))
     boxes = "bbox" in model_spec(cfg.MODEL_USE).inputs  # region boxes only for a model that reads them
-    return VQADataset(cfg, records, vocab.token_to_ix, vocab.ans_to_ix, features, boxes=boxes)
+    return VQADataset(cfg, questions, features, boxes=boxes)
 
 
 def validation_set(cfg: Config, vocab: Vocab) -> VQADataset | None:
     """The val split to score after each epoch: None when training reads it (TRAIN_SPLIT names val) or
     the data has no annotated val split."""
-    if "val" in parse_splits(cfg.TRAIN_SPLIT):
-        return None
-    if not (question_file(cfg.DATASET_PATH, "val").is_file() and annotation_file(cfg.DATASET_PATH, "val").is_file()):
+    if "val" in parse_splits(cfg.TRAIN_SPLIT) or not question_store(cfg).annotated("val"):
         return None
     return make_dataset(cfg, load_questions(cfg, "val", need_answers=True), vocab)
+
+
+def run_vocab(cfg: Config, state: dict[str, Any] | None = None, path: str | Path | None = None) -> Vocab:
+    """The dictionaries a run uses: a checkpoint's own (`state`, read from `path`) when it holds them,
+    else the question store's (mcan-vqa's rules, or TOKEN_DICT_PATH / ANSWER_DICT_PATH).
+
+    When the checkpoint holds them, a TOKEN_DICT_PATH / ANSWER_DICT_PATH that differs is a
+    CheckpointError naming both; an equal one is fine.
+    """
+    if state is None or "token_to_ix" not in state:  # a new run, or an original mcan-vqa checkpoint
+        return question_store(cfg).vocab
+    where = f"checkpoint {path}" if path is not None else "the checkpoint"
+    stored = {"token": state.get("token_to_ix"), "answer": state.get("ans_to_ix")}
+    for what, table in stored.items():
+        if not isinstance(table, dict):
+            raise CheckpointError(f"{where} holds no usable {what} dictionary "
+                                  f"({'token_to_ix' if what == 'token' else 'ans_to_ix'} is {type(table).__name__})")
+    for what, key, read in (("token", "TOKEN_DICT_PATH", load_token_dict),
+                            ("answer", "ANSWER_DICT_PATH", lambda p: load_answer_dict(p)[0])):
+        pinned_path = getattr(cfg, key)
+        if not pinned_path:
+            continue
+        pinned, own = read(pinned_path), stored[what]
+        if pinned != own:
+            diff = next((f"{k!r} is {v} in the file, {own.get(k, 'absent')} in the checkpoint"
+                         for k, v in pinned.items() if own.get(k) != v), None)
+            diff = diff or next((f"{k!r} is absent from the file" for k in own if k not in pinned), "")
+            raise CheckpointError(
+                f"{key} {pinned_path} ({len(pinned)} {what}s) contradicts the {what} dictionary stored in "
+                f"{where} ({len(own)} {what}s; {diff}); drop {key}: the checkpoint's own dictionary is used")
+    return Vocab(stored["token"], stored["answer"])
 
 
 def epoch_batches(n_samples: int, cfg: Config, epoch: int, rt: Any,

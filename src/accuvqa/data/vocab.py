@@ -8,13 +8,13 @@ import re
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Iterable, Sequence
 
 import numpy as np
 
 from accuvqa.config import Config
-from accuvqa.data.records import QuestionRecord, load_records, load_split, question_file
-from accuvqa.errors import CheckpointError, DataError
+from accuvqa.data.records import QuestionRecord, load_split, question_file
+from accuvqa.errors import DataError
 from accuvqa.metrics import normalize_answer
 
 PAD, UNK = 0, 1
@@ -167,35 +167,3 @@ def build_vocab(cfg: Config, train_records: Sequence[QuestionRecord],
     if not ans_to_ix:
         raise DataError("the answer dictionary is empty: no training answer is seen more than 8 times")
     return Vocab(token_to_ix, ans_to_ix)
-
-
-def checkpoint_vocab(cfg: Config, state: dict[str, Any], path: str | Path | None = None) -> Vocab:
-    """The dictionaries a checkpoint was trained with; an original mcan-vqa one holds none, so they
-    are rebuilt from the data (mcan-vqa's rules) or read from TOKEN_DICT_PATH / ANSWER_DICT_PATH.
-
-    When the checkpoint holds them, a TOKEN_DICT_PATH / ANSWER_DICT_PATH that differs is a
-    CheckpointError naming both (`path` names the checkpoint); an equal one is fine.
-    """
-    if "token_to_ix" not in state:
-        train_records = [] if cfg.ANSWER_DICT_PATH else load_records(cfg, cfg.TRAIN_SPLIT, need_answers=True)
-        return build_vocab(cfg, train_records)
-    where = f"checkpoint {path}" if path is not None else "the checkpoint"
-    stored = {"token": state.get("token_to_ix"), "answer": state.get("ans_to_ix")}
-    for what, table in stored.items():
-        if not isinstance(table, dict):
-            raise CheckpointError(f"{where} holds no usable {what} dictionary "
-                                  f"({'token_to_ix' if what == 'token' else 'ans_to_ix'} is {type(table).__name__})")
-    for what, key, read in (("token", "TOKEN_DICT_PATH", load_token_dict),
-                            ("answer", "ANSWER_DICT_PATH", lambda p: load_answer_dict(p)[0])):
-        pinned_path = getattr(cfg, key)
-        if not pinned_path:
-            continue
-        pinned, own = read(pinned_path), stored[what]
-        if pinned != own:
-            diff = next((f"{k!r} is {v} in the file, {own.get(k, 'absent')} in the checkpoint"
-                         for k, v in pinned.items() if own.get(k) != v), None)
-            diff = diff or next((f"{k!r} is absent from the file" for k in own if k not in pinned), "")
-            raise CheckpointError(
-                f"{key} {pinned_path} ({len(pinned)} {what}s) contradicts the {what} dictionary stored in "
-                f"{where} ({len(own)} {what}s; {diff}); drop {key}: the checkpoint's own dictionary is used")
-    return Vocab(stored["token"], stored["answer"])

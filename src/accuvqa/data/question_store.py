@@ -1,0 +1,192 @@
+"""The question store: a dataset's questions, answer targets, text and dictionaries as arrays on disk.
+
+`<TRAIN_SPLIT>.qa/` (e.g. `train+val.qa/`) beside the JSON in DATASET_PATH (or under STORE_PATH)
+holds:
+- `vocab.json`: the run's two dictionaries `[token_to_ix, ans_to_ix]` (built as `build_vocab` does:
+  tokens of every question file present, answers of the training splits; or TOKEN_DICT_PATH /
+  ANSWER_DICT_PATH);
+- `<split>.npz` for each split a run of this TRAIN_SPLIT reads (its parts, then val and test when
+  their question files exist): the arrays of `questions.QuestionArrays`;
+- `meta.json`: the plan (format, TRAIN_SPLIT, MAX_TOKEN, the dictionary paths), the state of each
+  source file, the splits and their question counts.
+
+Built when missing or stale (`data/build.py` says when, and how it is written): by `accuvqa prepare`,
+or by the first command that needs it. Commands read only this store, never the JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any, Callable, Iterable, Sequence
+
+import numpy as np
+
+from accuvqa.config import Config
+from accuvqa.data.build import (
+    Partial,
+    build_progress,
+    ensure_store,
+    file_state,
+    read_meta,
+    store_home,
+    why_stale,
+)
+from accuvqa.data.easyvqa import prepare_easyvqa
+from accuvqa.data.questions import (
+    STRING_TABLES,
+    QuestionArrays,
+    arrays_to_strings,
+    concat,
+    encode_records,
+    strings_to_arrays,
+)
+from accuvqa.data.records import (
+    LAYOUT_HINT,
+    annotation_file,
+    load_split,
+    parse_splits,
+    question_file,
+)
+from accuvqa.data.vocab import Vocab, build_vocab
+from accuvqa.errors import DataError
+from accuvqa.files import write_json_atomic
+
+log = logging.getLogger(__name__)
+
+FORMAT = 2
+ALL_SPLITS = ("train", "val", "test", "vg")
+WHAT = "question store"
+
+
+def store_dir(cfg: Config) -> Path:
+    """`DATASET_PATH/<TRAIN_SPLIT>.qa` (under STORE_PATH when set)."""
+    return store_home(cfg.STORE_PATH, cfg.DATASET_PATH) / f"{'+'.join(parse_splits(cfg.TRAIN_SPLIT))}.qa"
+
+
+def store_splits(cfg: Config) -> list[str]:
+    """The splits a run of this TRAIN_SPLIT reads: its parts, then val and test when their question files exist."""
+    splits = parse_splits(cfg.TRAIN_SPLIT)
+    return splits + [s for s in ("val", "test") if s not in splits and question_file(cfg.DATASET_PATH, s).is_file()]
+
+
+def _plan(cfg: Config) -> dict[str, Any]:
+    return {"format": FORMAT, "TRAIN_SPLIT": parse_splits(cfg.TRAIN_SPLIT), "MAX_TOKEN": cfg.MAX_TOKEN,
+            "TOKEN_DICT_PATH": cfg.TOKEN_DICT_PATH, "ANSWER_DICT_PATH": cfg.ANSWER_DICT_PATH}
+
+
+def _sources(cfg: Config) -> dict[str, Any]:
+    """Every file the store is built from (the token dictionary reads all question files there are)."""
+    files = [question_file(cfg.DATASET_PATH, s) for s in ALL_SPLITS]
+    files += [annotation_file(cfg.DATASET_PATH, s) for s in ALL_SPLITS]
+    files += [Path(p) for p in (cfg.TOKEN_DICT_PATH, cfg.ANSWER_DICT_PATH) if p]
+    return {str(path.resolve()): file_state(path) for path in files}
+
+
+def question_store(cfg: Config, progress: Callable[[Sequence, str], Iterable] | None = None) -> QuestionStore:
+    """The current store of cfg's TRAIN_SPLIT, built first when missing or stale (for DATASET easyvqa, after
+    writing the bundled data when it is not there yet)."""
+    progress = progress or build_progress(cfg.VERBOSE)
+
+    def build(partial: Partial) -> Path:
+        return _build(cfg, partial, progress)
+
+    plan = _plan(cfg)
+    if (cfg.DATASET == "easyvqa" and not question_file(cfg.DATASET_PATH, "train").is_file()
+            and why_stale(store_dir(cfg), plan, _sources(cfg)) is not None):
+        log.info("writing the bundled easy-VQA data to %s and %s first", cfg.DATASET_PATH, cfg.FEATURE_PATH)
+        prepare_easyvqa(cfg, progress=progress)
+    path = ensure_store(store_dir(cfg), plan, lambda: _sources(cfg), build, WHAT)
+    return QuestionStore(path)
+
+
+def _build(cfg: Config, partial: Partial, progress: Callable[[Sequence, str], Iterable]) -> Path:
+    """Read the JSON once; write the dictionaries, then each split's arrays (kept when resumed)."""
+    splits = store_splits(cfg)
+    records = {s: load_split(cfg.DATASET_PATH, s, need_answers=s != "test") for s in progress(splits, "read json")}
+    vocab_file = partial.path / "vocab.json"
+    if partial.resumed and vocab_file.is_file():
+        vocab = Vocab(*json.loads(vocab_file.read_text()))
+    else:
+        questions = None if cfg.TOKEN_DICT_PATH else [
+            r.question for s in ALL_SPLITS if question_file(cfg.DATASET_PATH, s).is_file()
+            for r in (records[s] if s in records else load_split(cfg.DATASET_PATH, s, need_answers=False,
+                                                                 allow_empty=True))]
+        train = [r for s in parse_splits(cfg.TRAIN_SPLIT) for r in records[s]]
+        vocab = build_vocab(cfg, train, questions=questions)  # a DataError (no answer kept) before any split
+        write_json_atomic(vocab_file, [vocab.token_to_ix, vocab.ans_to_ix])
+    for split in progress(splits, "encode questions"):
+        if not (partial.resumed and (partial.path / f"{split}.npz").is_file()):
+            write_split(partial.path / f"{split}.npz", encode_records(records[split], vocab, cfg.MAX_TOKEN, split))
+    return partial.finish(splits=splits, vocab=vocab.fingerprint(), questions={s: len(r) for s, r in records.items()},
+                          dataset_path=str(cfg.DATASET_PATH))
+
+
+def write_split(path: Path, arrays: QuestionArrays) -> None:
+    """One split's arrays in one .npz, written whole or not at all."""
+    tables = {name: strings_to_arrays(getattr(arrays, name)) for name in STRING_TABLES}
+    plain = {k: v for k, v in arrays.__dict__.items() if isinstance(v, np.ndarray)}
+    tmp = path.with_name(path.name + ".tmp.npz")
+    np.savez(tmp, **plain, **{f"{name}__blob": b for name, (b, _) in tables.items()},
+             **{f"{name}__offsets": o for name, (_, o) in tables.items()})
+    os.replace(tmp, path)
+
+
+def read_split(path: Path, vocab: Vocab, split: str) -> QuestionArrays:
+    """The arrays `write_split` wrote."""
+    with np.load(path) as z:
+        plain = {k: z[k] for k in z.files if "__" not in k}
+        tables = {name: arrays_to_strings(z[f"{name}__blob"], z[f"{name}__offsets"]) for name in STRING_TABLES}
+    return QuestionArrays(**plain, **tables, vocab=vocab, split_spec=split)
+
+
+class QuestionStore:
+    """A current store: its dictionaries, and each split's arrays."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.meta = read_meta(path) or {}
+        self.dataset_path = Path(self.meta.get("dataset_path", path.parent))  # where its JSON was
+
+    @property
+    def vocab(self) -> Vocab:
+        """The dictionaries the arrays were encoded with."""
+        try:
+            token_to_ix, ans_to_ix = json.loads((self.path / "vocab.json").read_text())
+        except (OSError, ValueError) as e:
+            raise DataError(f"{self.path}/vocab.json cannot be read ({e}); delete {self.path}: the next command "
+                            f"builds it again") from e
+        return Vocab(token_to_ix, ans_to_ix)
+
+    @property
+    def splits(self) -> list[str]:
+        """The splits the store holds."""
+        return list(self.meta.get("splits", []))
+
+    def annotated(self, split: str) -> bool:
+        """Whether the store holds `split` with every question annotated."""
+        if split not in self.splits:
+            return False
+        with np.load(self.path / f"{split}.npz") as z:
+            return bool(len(z["annotated"])) and bool(z["annotated"].all())
+
+    def questions(self, split_spec: str, need_answers: bool) -> QuestionArrays:
+        """The arrays of the splits in `split_spec`; DataError for a split it does not hold (its JSON is missing)."""
+        parts, vocab = [], self.vocab
+        for split in parse_splits(split_spec):
+            if split not in self.splits:
+                raise DataError(f"missing {split} question file {question_file(self.dataset_path, split)} (the "
+                                f"{WHAT} {self.path} holds {', '.join(self.splits)}); {LAYOUT_HINT}")
+            path = self.path / f"{split}.npz"
+            try:
+                part = read_split(path, vocab, split)
+            except (OSError, ValueError, KeyError, TypeError) as e:
+                raise DataError(f"question arrays {path} cannot be read ({e}); delete {self.path}: the next command "
+                                f"builds it again") from e
+            if need_answers and not part.annotated.all():
+                qid = int(part.question_id[np.argmin(part.annotated)])
+                raise DataError(f"{annotation_file(self.dataset_path, split)}: no annotation for question_id {qid}")
+            parts.append(part)
+        return concat(parts, split_spec)
