@@ -27,7 +27,7 @@ import torch
 from accuvqa.accumulate import GradientAccumulator
 from accuvqa.config import load_config
 from accuvqa.models import build_model
-from accuvqa.train import make_loss_fn, make_optimizer
+from accuvqa.recipe import make_loss_fn, make_optimizer
 
 TOKENS, ANSWERS = 20573, 3129
 

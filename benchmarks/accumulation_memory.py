@@ -41,7 +41,7 @@ def child(k: int, updates: int, threads: int, trim: bool = False) -> None:
     from accuvqa.accumulate import GradientAccumulator
     from accuvqa.config import load_config
     from accuvqa.models import build_model
-    from accuvqa.train import make_loss_fn, make_optimizer
+    from accuvqa.recipe import make_loss_fn, make_optimizer
 
     torch.set_num_threads(threads)
     cfg = load_config("small")

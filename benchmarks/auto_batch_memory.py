@@ -42,7 +42,7 @@ def child(batch_size: int, k: str, cap_mib: int, threads: int) -> dict:
     from accuvqa.accumulate import GradientAccumulator
     from accuvqa.config import load_config
     from accuvqa.models import build_model
-    from accuvqa.train import make_loss_fn, make_optimizer
+    from accuvqa.recipe import make_loss_fn, make_optimizer
 
     logging.basicConfig(level=logging.WARNING, format="%(message)s", stream=sys.stderr)
     torch.set_num_threads(threads)

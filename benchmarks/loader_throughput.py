@@ -87,7 +87,7 @@ def uses_store(dataset) -> bool:
     if flag is not None:
         return bool(flag)
     try:
-        from accuvqa.data.store import PackedFeatures
+        from accuvqa.data.feature_store import PackedFeatures
     except ImportError:
         return False
     sources = getattr(dataset, "paths", [])
@@ -173,7 +173,7 @@ def main() -> int:
     rows["(a) per-image .npz"] = {"setup": setup_a, "pack": None}
 
     try:
-        from accuvqa.data.store import pack_folder, store_dir
+        from accuvqa.data.feature_store import pack_folder, store_dir
     except ImportError as e:
         pack_folder = None
         print(f"note: (b) skipped: accuvqa.data.store cannot be imported ({e})")

@@ -51,7 +51,7 @@ from accuvqa.data.vocab import build_vocab
 from accuvqa.models import build_model
 from accuvqa.models.layers import plain_autograd
 from accuvqa.runtime import Runtime
-from accuvqa.train import make_loss_fn, make_optimizer
+from accuvqa.recipe import make_loss_fn, make_optimizer
 
 ROOT = Path(__file__).resolve().parents[1]
 PARTS = ("loader", "embedding + LSTM", "image linear", "SA (encoder)", "SGA (decoder)", "AttFlat", "classifier",

@@ -78,6 +78,52 @@ def write_vqa_layout(root: Path, feat_size: int = 12, images_per_split: int = 6,
     return {"DATASET_PATH": str(dataset_path), "FEATURE_PATH": str(feature_path), "counts": counts}
 
 
+def batch_from_files(records, indices, vocab, max_token: int, pad_size: int, feature_path, boxes: bool = False) -> dict:
+    """The batch a dataset must give for `indices`, computed apart from the stores and the question arrays: from
+    the JSON's records (`records.load_records`) and each image's own .npz file, as mcan-vqa computes it.
+
+    `img_feat` (B, N, D): each image's `x.T` cut to `pad_size` regions, zero-padded to the batch's longest;
+    `ques_ix` (B, T) int64 token ids cut to the batch's longest question; `answer_scores` (B, A) float32 soft
+    scores; `index`; with `boxes`, `bbox` (B, N, 4) from the files' `bbox`, padded alike.
+    """
+    import torch
+
+    from accuvqa.data.features import feature_file
+    from accuvqa.data.vocab import answer_targets, encode_question
+
+    chosen = [records[int(i)] for i in indices]
+    feats, bbox = [], []
+    for r in chosen:
+        with np.load(feature_file(feature_path, r.folder, r.image_id)) as npz:
+            feats.append(npz["x"].T[:pad_size].astype(np.float32))
+            bbox.append(npz["bbox"][:pad_size].astype(np.float32) if boxes else None)
+    n = max(len(f) for f in feats)
+    img_feat = np.zeros((len(chosen), n, feats[0].shape[1]), np.float32)
+    boxes_out = np.zeros((len(chosen), n, 4), np.float32)
+    for b, (f, x) in enumerate(zip(feats, bbox)):
+        img_feat[b, : len(f)] = f
+        if boxes:
+            boxes_out[b, : len(x)] = x
+    ques_ix = np.stack([encode_question(r.question, vocab.token_to_ix, max_token) for r in chosen])
+    t_max = max(int((ques_ix != 0).sum(1).max()), 1)
+    scores = np.zeros((len(chosen), len(vocab.ans_to_ix)), np.float32)
+    for b, r in enumerate(chosen):
+        for a, s in answer_targets(r.answers or (), vocab.ans_to_ix):
+            scores[b, a] = s
+    batch = {"img_feat": torch.from_numpy(img_feat), "ques_ix": torch.from_numpy(ques_ix[:, :t_max].astype(np.int64)),
+             "answer_scores": torch.from_numpy(scores), "index": torch.as_tensor(np.asarray(indices, dtype=np.int64))}
+    if boxes:
+        batch["bbox"] = torch.from_numpy(boxes_out)
+    return batch
+
+
+def same_batch(a: dict, b: dict) -> bool:
+    """Two batches with the same keys, dtypes and values, bit for bit."""
+    import torch
+
+    return a.keys() == b.keys() and all(a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]) for k in a)
+
+
 @pytest.fixture
 def vqa_layout(tmp_path: Path) -> dict:
     """A freshly written tiny VQA v2 layout."""

@@ -8,7 +8,7 @@ from accuvqa.config import load_config
 from accuvqa.data.features import index_features
 from accuvqa.data.loader import make_dataset
 from accuvqa.data.records import load_records
-from accuvqa.data.store import pack_folder
+from accuvqa.data.feature_store import pack_folder
 from accuvqa.data.vocab import build_vocab
 from accuvqa.errors import DataError
 from accuvqa.predict import image_region_boxes, image_region_features

@@ -40,7 +40,7 @@ def test_cli_trains_evaluates_tests_and_predicts_on_a_slice(easyvqa_slice, tmp_p
     assert [s["question_id"] for s in submission] == [q["question_id"] for q in questions["questions"]]
     assert all(isinstance(s["answer"], str) for s in submission)
 
-    image = next(Path(easyvqa_slice["root"]).rglob("*.npz"))
+    image = next(Path(easyvqa_slice["root"]).rglob("*.jpg.npz"))  # a feature file, not a store's index
     r = run_cli("predict", *common, "--CKPT_EPOCH", "2", "--image", str(image),
                 "--question", "What color is the shape?", cwd=tmp_path)
     assert r.returncode == 0, r.stderr

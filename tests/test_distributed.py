@@ -27,7 +27,8 @@ from accuvqa.data.records import load_split
 from accuvqa.errors import ConfigError
 from accuvqa.evaluate import run_eval
 from accuvqa.models import model_inputs
-from accuvqa.runtime import PeerFailure, end_process_group, gather, rank_failures, setup_runtime, without_nproc
+from accuvqa.launch import without_nproc
+from accuvqa.runtime import PeerFailure, end_process_group, gather, rank_failures, setup_runtime
 from accuvqa.train import train
 from conftest import ROOT, TINY, cli_overrides, run_cli, write_vqa_layout
 

@@ -13,7 +13,7 @@ from accuvqa.check import check_equivalence, dropout_off
 from accuvqa.config import load_config
 from accuvqa.errors import ConfigError
 from accuvqa.models import build_model, model_inputs, model_spec
-from accuvqa.train import make_loss_fn
+from accuvqa.recipe import make_loss_fn
 
 REFERENCES = Path(__file__).parent / "data" / "openvqa_reference"
 # one stored reference per case (tests/data/make_openvqa_reference.py CASES); a new model adds its case

@@ -6,7 +6,7 @@ from torch import nn
 
 from accuvqa.accumulate import GradientAccumulator
 from accuvqa.config import load_config
-from accuvqa.train import make_optimizer
+from accuvqa.recipe import make_optimizer
 
 
 def model() -> nn.Module:

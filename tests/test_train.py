@@ -12,7 +12,8 @@ from accuvqa.data.records import load_records
 from accuvqa.errors import DataError
 from accuvqa.models import build_model, model_inputs
 from accuvqa.runtime import Runtime
-from accuvqa.train import lr_at, train
+from accuvqa.recipe import lr_at
+from accuvqa.train import train
 from conftest import ROOT, TINY, write_vqa_layout
 
 

@@ -4,12 +4,14 @@ A model exposes attention when it has two methods (MCAN does; see docs/models.md
 `keep_attention(on)` (attention computed explicitly and its maps kept, same output) and
 `attention_maps()` (those maps, by name, from the last forward pass). The region attention drawn
 on the image is `image_flat`: the AttFlat weights that pool the regions into the vector the answer
-classifier reads (the mean over glimpses when FLAT_GLIMPSES > 1).
+classifier reads (the mean over glimpses when FLAT_GLIMPSES > 1). An `Answer` holds one forward
+pass's answers and maps (`accuvqa.predict` makes them).
 """
 
 from __future__ import annotations
 
 import io
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -19,20 +21,53 @@ from accuvqa.errors import ConfigError, DataError
 from accuvqa.files import atomic_write
 
 if TYPE_CHECKING:
+    import torch
     from PIL.Image import Image
-
-    from accuvqa.predict import Answer
 
 DPI = 100
 SUMMARY_SIZE = (12.0, 4.5)  # inches: image | answers | question words; 1200 x 450 pixels at DPI
 LAYER_ROW_HEIGHT = 2.1  # inches per row of per-head maps
 MAX_TICK_LABELS = 16  # more regions than this: no per-region tick labels
-# (map name prefix, row label, query axis, key axis)
+# the per-layer maps `<prefix>/<i>`, in drawing order: (map name prefix, row label, query axis, key axis)
 LAYER_KINDS = (("question_self", "SA {i}: words -> words", "question", "question"),
                ("image_question", "SGA {i}: regions -> words", "image", "question"),
                ("image_self", "SGA {i}: regions -> regions", "image", "image"))
 REGION_ATTENTION_NOTE = ("region attention = AttFlat image weights that pool the regions for the answer "
                          "classifier (mean over glimpses)")
+
+
+@dataclass
+class Answer:
+    """One forward pass: the top answers and, for a model that exposes attention, its maps.
+
+    `region_weights` (N,): the AttFlat image weights that pool the regions for the classifier (mean
+    over glimpses). `maps`: name -> array without the batch axis, cut to the question's words (T) and
+    the image's regions (N): `question_self/<i>` (heads, T, T), `image_self/<i>` (heads, N, N),
+    `image_question/<i>` (heads, N, T), `image_flat` (N, G), `question_flat` (T, G).
+    """
+
+    question: str
+    answers: list[tuple[str, float]]  # (answer, sigmoid score), best first
+    tokens: list[str]  # the words as the model saw them (UNK for words outside its dictionary)
+    region_weights: np.ndarray | None = None
+    maps: dict[str, np.ndarray] = field(default_factory=dict)
+    boxes: np.ndarray | None = None
+
+
+def cut_maps(maps: dict[str, torch.Tensor], n_words: int, n_regions: int) -> dict[str, np.ndarray]:
+    """A model's `attention_maps()` without the batch axis and the question's padding positions (queries and keys)."""
+    sizes = {"question": n_words, "image": n_regions}
+    axes = {prefix: (q_kind, k_kind) for prefix, _, q_kind, k_kind in LAYER_KINDS}
+    cut = {}
+    for name, m in maps.items():
+        m = m[0].float().cpu().numpy()
+        kind = name.split("/")[0]
+        if kind in axes:
+            q, k = axes[kind]
+            cut[name] = m[:, :sizes[q], :sizes[k]]
+        else:  # image_flat / question_flat: (L, G)
+            cut[name] = m[:sizes[kind.split("_")[0]]]
+    return cut
 
 
 def exposes_attention(model: Any) -> bool:

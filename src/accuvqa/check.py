@@ -15,13 +15,11 @@ from torch import nn
 
 from accuvqa.accumulate import Batch, GradientAccumulator, LossFn, batch_size, split_batch
 from accuvqa.config import Config
-from accuvqa.data.loader import epoch_batches, make_dataset
-from accuvqa.data.records import load_records
-from accuvqa.data.vocab import build_vocab
+from accuvqa.data.loader import epoch_batches, load_questions, make_dataset
 from accuvqa.errors import ConfigError
 from accuvqa.models import build_model
+from accuvqa.recipe import make_loss_fn
 from accuvqa.runtime import setup_runtime, to_device
-from accuvqa.train import make_loss_fn
 
 TOLERANCE = 1e-4  # relative difference above which float32 accumulation is called non-equivalent
 TOLERANCE_FLOAT64 = 1e-10  # the same in float64, where a model's float32 rounding exceeds TOLERANCE
@@ -137,9 +135,9 @@ def run_check(cfg: Config, dtype: torch.dtype = torch.float32) -> tuple[list[Che
     GRAD_ACCU_STEPS, 2, 4 and 8 micro-batches with the one-batch gradient (model and batch in
     `dtype`); also say what in the model makes training differ from one large batch."""
     rt = setup_runtime(cfg)
-    records = load_records(cfg, cfg.TRAIN_SPLIT, need_answers=True)
-    vocab = build_vocab(cfg, records)
-    dataset = make_dataset(cfg, records, vocab)
+    questions = load_questions(cfg, cfg.TRAIN_SPLIT, need_answers=True)
+    vocab = questions.vocab
+    dataset = make_dataset(cfg, questions, vocab)
     if len(dataset) < cfg.BATCH_SIZE:
         raise ConfigError(f"BATCH_SIZE {cfg.BATCH_SIZE} is larger than the training set ({len(dataset)} questions)")
     batch = to_device(dataset[epoch_batches(len(dataset), cfg, 0, rt)[0]], rt.device)

@@ -1,36 +1,33 @@
-"""Everything about checkpoints: what one holds, where it lives, atomic save, safe load, weights.
+"""Checkpoint files: where they live, atomic save, safe load, weights; a trained model from one.
 
 Files are mcan-vqa's: `<CKPTS_PATH>/ckpt_<VERSION>/epoch<N>.pkl`, a dict with `state_dict`,
 `optimizer` and `lr_base`, plus ours (config, position in the run, every RNG state, the GradScaler,
-the micro-batch count, vocabularies and their fingerprint). With CKPT_EVERY_STEPS, mid-epoch
-checkpoints `step<N>.pkl` sit beside them, and `latest.json` names the newest of all.
+the micro-batch count, vocabularies and their fingerprint: `accuvqa.resume` puts them in and takes
+them out). With CKPT_EVERY_STEPS, mid-epoch checkpoints `step<N>.pkl` sit beside them, and
+`latest.json` names the newest of all. Every function here takes the bare model, never a
+DistributedDataParallel wrapper (callers unwrap it).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import errno
 import json
 import logging
 import pickle
-import random
 import re
 import shutil
 import zipfile
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
-from accuvqa.accumulate import GradientAccumulator
 from accuvqa.config import Config
-from accuvqa.data.vocab import Vocab, checkpoint_vocab
+from accuvqa.data.loader import run_vocab
+from accuvqa.data.vocab import Vocab
 from accuvqa.errors import CheckpointError, ConfigError
 from accuvqa.files import atomic_write, write_json_atomic
 from accuvqa.models import build_model, model_spec
-from accuvqa.runtime import unwrap
 
 log = logging.getLogger(__name__)
 
@@ -92,58 +89,6 @@ def guard_new_run(cfg: Config) -> None:
             f"overwrites them: pick another --VERSION, or continue it with --RESUME True")
 
 
-@dataclass
-class Position:
-    """Where a run stands: what an exact resume must know besides weights, optimizer and RNGs."""
-
-    epoch: int = 0  # epochs completed
-    step: int = 0  # updates completed
-    batch: int = 0  # batches done in the running epoch (0 at an epoch boundary)
-    loss_sum: float = 0.0  # the running epoch's training-loss sums, for its log line
-    item_sum: float = 0.0
-    bad_updates: int = 0  # updates skipped in a row for a non-finite loss or gradient
-
-
-def rng_state() -> dict[str, Any]:
-    """Every random generator's state: Python, NumPy, torch (CPU and each CUDA device)."""
-    name, keys, pos, has_gauss, gauss = np.random.get_state()
-    state = {"python": random.getstate(), "torch": torch.get_rng_state(),
-             "numpy": [name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss]}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def restore_rng(state: dict[str, Any]) -> None:
-    """Set the generators to a state saved by `rng_state`."""
-    random.setstate(state["python"])
-    name, keys, pos, has_gauss, gauss = state["numpy"]
-    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def checkpoint_state(cfg: Config, model: torch.nn.Module, accumulator: GradientAccumulator, vocab: Vocab,
-                     position: Position, lr_base: float) -> dict[str, Any]:
-    """What a checkpoint holds: mcan-vqa's keys plus what an exact resume needs."""
-    return {
-        "state_dict": unwrap(model).state_dict(),
-        "optimizer": accumulator.optimizer.state_dict(),
-        "lr_base": lr_base,  # mcan-vqa: the base learning rate of the epoch running or just finished
-        "config": cfg.to_dict(),
-        "epoch": position.epoch,  # epochs completed
-        "step": position.step,  # updates completed
-        "position": dataclasses.asdict(position),
-        "rng": rng_state(),
-        "scaler": accumulator.scaler.state_dict() if accumulator.scaler is not None else None,
-        "micro_batches": accumulator.micro_batches,
-        "token_to_ix": vocab.token_to_ix,
-        "ans_to_ix": vocab.ans_to_ix,
-        "vocab_fingerprint": vocab.fingerprint(),
-    }
-
-
 def save_checkpoint(path: str | Path, state: dict[str, Any]) -> Path:
     """Write `state` atomically: a crash leaves the old file or the new one, never a torn one."""
     return atomic_write(path, lambda f: torch.save(state, f))
@@ -177,28 +122,6 @@ def save_run_checkpoint(cfg: Config, path: Path, state: dict[str, Any]) -> Path:
     return path
 
 
-def restore_run(cfg: Config, state: dict[str, Any], path: Path, model: torch.nn.Module,
-                accumulator: GradientAccumulator, n_samples: int) -> Position:
-    """Load a checkpoint's weights, optimizer, scaler, micro-batch count and RNGs; return its position."""
-    load_weights(model, state, path, cfg.MODEL_USE, cfg)
-    load_optimizer_state(accumulator.optimizer, state, path)
-    if state.get("scaler") and accumulator.scaler is not None:
-        accumulator.scaler.load_state_dict(state["scaler"])
-    if accumulator.auto and state.get("micro_batches"):
-        accumulator.micro_batches = int(state["micro_batches"])
-    if "rng" in state:
-        restore_rng(state["rng"])
-    elif "rng_torch" in state:  # an accuvqa checkpoint from before mid-epoch checkpoints
-        torch.set_rng_state(state["rng_torch"])
-    if "position" in state:
-        return Position(**state["position"])
-    epoch = int(state.get("epoch", cfg.CKPT_EPOCH))
-    # an mcan-vqa checkpoint has no step count; mcan-vqa resumes its warm-up counter at
-    # int(data_size / BATCH_SIZE * CKPT_EPOCH)
-    step = int(state["step"]) if "step" in state else int(n_samples / cfg.BATCH_SIZE * epoch)
-    return Position(epoch=epoch, step=step)
-
-
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
     """Load a checkpoint with `weights_only=True`: tensors and plain values only, never code.
 
@@ -208,7 +131,6 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     OSError, KeyError, struct.error, UnicodeDecodeError, ...).
     """
     import pickletools
-    import re
     import warnings
 
     path = Path(path)
@@ -378,7 +300,7 @@ def load_trained(cfg: Config, device: torch.device) -> tuple[torch.nn.Module, Vo
     (the run's last epoch, MAX_EPOCH, when no epoch is given)."""
     path = resolve_checkpoint(cfg, default_epoch=cfg.MAX_EPOCH)
     state = load_checkpoint(path)
-    vocab = checkpoint_vocab(cfg, state, path)
+    vocab = run_vocab(cfg, state, path)
     model = build_model(cfg, len(vocab.token_to_ix), len(vocab.ans_to_ix))
     load_weights(model, state, path, cfg.MODEL_USE, cfg)
     return model.to(device), vocab, path, int(state.get("epoch", cfg.CKPT_EPOCH))

@@ -1,4 +1,5 @@
 """The `accuvqa` command: a table of sub-commands, each a `main(cfg, args)` in its own module.
+Nothing in the package imports this module (`python -m accuvqa` runs it).
 
 Every sub-command takes `--config FILE.yml` (or a packaged preset's name) and `--KEY VALUE`
 overrides of any config key. User errors print one line on stderr and exit with code 2;
@@ -99,13 +100,6 @@ def parse_overrides(rest: Sequence[str]) -> dict[str, str]:
     return overrides
 
 
-def print_table(title: str, rows: dict[str, Any]) -> list[str]:
-    """Print a title line, then `  key   value` rows: the summaries the commands print; return the lines."""
-    lines = [title, *(f"  {key:<18} {value}" for key, value in rows.items())]
-    print("\n".join(lines))
-    return lines
-
-
 def run(argv: Sequence[str] | None = None) -> int:
     """Parse `argv`, run the sub-command, return the exit code."""
     from accuvqa.legacy import translate_argv
@@ -122,9 +116,9 @@ def run(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if cfg.VERBOSE else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S", handlers=[stderr])
     if getattr(args, "nproc", None) is not None:  # train --nproc N: the same command in N processes
-        from accuvqa.runtime import launch, without_nproc
+        from accuvqa.launch import launch, without_nproc
 
-        return launch(args.nproc, without_nproc(argv), cfg)
+        return launch(args.nproc, without_nproc(argv), cfg, run_here=run)
     module, function = COMMANDS[args.command].target.split(":")
     code = getattr(importlib.import_module(module), function)(cfg, args)
     from accuvqa.runtime import end_process_group

@@ -5,91 +5,108 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
+import functools
 import importlib.resources
+import inspect
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping, Optional, Sequence, Union
+from typing import Any, Callable, Mapping, Optional, Union
 
 import yaml
 
 from accuvqa.errors import ConfigError
+# importing the registry imports accuvqa.models, which registers every model
+from accuvqa.models.registry import config_key, list_models, model_key_types, model_spec, require_positive
 
 PRESETS = importlib.resources.files("accuvqa") / "configs"  # YAML presets shipped in the package
+GROUPS = ("data", "model", "training", "run")  # the sections of --help and docs/config.md, in this order
+_data, _model, _training, _run = (functools.partial(config_key, group=group) for group in GROUPS)
 
 
 @dataclass(frozen=True)
 class Config:
-    """Every key of a run. Names and defaults follow mcan-vqa's `base_cfgs.py` and `small.yml`."""
+    """Every key of a run. Names and defaults follow mcan-vqa's `base_cfgs.py` and `small.yml`; each key's
+    group and meaning are on its field, the one source of `--help` and docs/config.md (config_doc.py)."""
 
     # --- run identity and reproducibility
-    SEED: int = 0
-    VERSION: Optional[str] = None  # None: str(SEED), as mcan-vqa
-    DEVICE: str = "auto"  # auto | cpu | cuda | cuda:N
-    GPU: str = "0"
-    NUM_THREADS: int = 0  # CPU threads for torch; 0 keeps torch's default
-    DIST_TIMEOUT: int = 600  # seconds a collective waits for the other processes before the job fails
-    VERBOSE: bool = True
+    SEED: int = _run(0, "seed of every random generator, the batch order included")
+    VERSION: Optional[str] = _run(None, "the run's name (null: the seed); plot takes several, comma-separated")
+    DEVICE: str = _run("auto", "auto, cpu, cuda or cuda:N")
+    GPU: str = _run("0", "mcan-vqa's GPU list (CUDA_VISIBLE_DEVICES)")
+    NUM_THREADS: int = _run(0, "CPU threads for torch (0: torch's default)")
+    DIST_TIMEOUT: int = _run(600, "seconds a collective waits for the other processes before the job fails")
+    VERBOSE: bool = _run(True, "print progress and log lines")
 
     # --- data
-    DATASET: str = "vqa"  # vqa | easyvqa
-    DATASET_PATH: str = "datasets/vqa"
-    FEATURE_PATH: str = "datasets/coco_extract"
-    CKPTS_PATH: str = "ckpts"
-    RESULT_PATH: str = "results"
-    TRAIN_SPLIT: str = "train"
-    VAL_FRACTION: float = 0.1  # easyvqa only: share of train images held out for validation
-    PRELOAD: bool = False
-    NUM_WORKERS: int = 0
-    PIN_MEM: bool = False
-    BUCKET_WINDOW: int = 16  # > 1: batches of similar region counts within windows of this many batches
-    USE_GLOVE: bool = False
-    WORD_VECTORS: str = "en_vectors_web_lg"  # USE_GLOVE: spaCy package/folder, or a GloVe text file
-    WORD_EMBED_SIZE: int = 300
-    MAX_TOKEN: int = 14
-    IMG_FEAT_PAD_SIZE: int = 100
-    IMG_FEAT_SIZE: int = 2048
+    DATASET: str = _data("vqa", "vqa: VQA v2 layout at DATASET_PATH / FEATURE_PATH; easyvqa: the bundled easy-VQA")
+    DATASET_PATH: str = _data("datasets/vqa", "folder of the VQA v2 question and annotation JSON files")
+    FEATURE_PATH: str = _data("datasets/coco_extract",
+                              "folder with train2014/, val2014/, test2015/ of region features (.npz)")
+    STORE_PATH: str = _data("", "writable folder for the prepared stores (question arrays, packed features) when "
+                                "the data folders are read-only ('': beside the data)")
+    CKPTS_PATH: str = _run("ckpts", "folder of the checkpoints (ckpt_<VERSION>/epoch<N>.pkl)")
+    RESULT_PATH: str = _run("results", "folder of each run's metrics, config.yml, log.txt, events and predictions")
+    TRAIN_SPLIT: str = _data("train", "splits to train on, joined by +: train, train+val, train+val+vg")
+    VAL_FRACTION: float = _data(0.1, "easyvqa: share of the train images held out as the val split")
+    PRELOAD: bool = _data(False, "read the packed features into memory instead of memory-mapping them")
+    NUM_WORKERS: int = _data(0, "loader worker processes (0: load in the training process)")
+    PIN_MEM: bool = _data(False, "pin batches in page-locked memory (faster copies to a GPU)")
+    BUCKET_WINDOW: int = _data(16, "> 1: batches of similar region counts within windows of this many batches, "
+                                   "order still fixed by SEED (0 or 1: off, batches as drawn)")
+    USE_GLOVE: bool = _data(False, "start word embeddings from pre-trained vectors (WORD_VECTORS)")
+    WORD_VECTORS: str = _data("en_vectors_web_lg", "USE_GLOVE: a spaCy package or folder, or a GloVe text file")
+    WORD_EMBED_SIZE: int = _data(300, "size of a word embedding (300 with GloVe)")
+    MAX_TOKEN: int = _data(14, "question tokens kept; longer questions are cut")
+    IMG_FEAT_PAD_SIZE: int = _data(100, "image regions kept per image; fewer are padded, more are cut")
+    IMG_FEAT_SIZE: int = _data(2048, "size of one region feature (2048 for bottom-up attention)")
 
     # --- model: which registered model; its own keys (MCAN: LAYER, HIDDEN_SIZE, ...) live in
     # the dataclass the model declares, reached as attributes of the config all the same
-    MODEL_USE: str = "mcan"
+    MODEL_USE: str = _model("mcan", "which registered model to build; its own keys follow")
 
     # --- optimisation
-    BATCH_SIZE: int = 64
-    GRAD_ACCU_STEPS: Union[int, str] = 1  # or "auto": double on out-of-memory
-    LOSS_REDUCTION: str = "sum"  # sum (MCAN) | mean
-    LOSS_FUNC: str = "bce"  # bce (MCAN) | kld: KL divergence of the log-softmax from the normalised soft scores
-    AMP: str = "off"  # off | bf16 (autocast) | fp16 (autocast + GradScaler; CUDA)
-    MAX_EPOCH: int = 13
-    LR_BASE: float = 0.0001
-    LR_DECAY_R: float = 0.2
-    LR_DECAY_LIST: list[int] = field(default_factory=lambda: [10, 12])
-    GRAD_NORM_CLIP: float = -1.0  # <= 0: off
-    OPT: str = "Adam"  # any torch.optim class, e.g. Adamax
-    OPT_PARAMS: dict[str, Any] = field(default_factory=dict)  # its keyword arguments, e.g. {weight_decay: 0}
-    OPT_BETAS: tuple[float, float] = (0.9, 0.98)  # betas/eps of optimizers that take them, unless OPT_PARAMS says
-    OPT_EPS: float = 1e-9
+    BATCH_SIZE: int = _training(64, "effective batch: samples per optimizer update, over all processes")
+    GRAD_ACCU_STEPS: Union[int, str] = _training(
+        1, "micro-batches per update on each process, or auto (double on out-of-memory)")
+    LOSS_REDUCTION: str = _training("sum", "sum (MCAN: BCE summed over the batch) or mean (over every item)")
+    LOSS_FUNC: str = _training("bce", "bce (sigmoid per answer) or kld (KL divergence of the log-softmax from the "
+                                      "soft scores normalised to sum 1)")
+    AMP: str = _training("off", "mixed precision: off, bf16 (autocast) or fp16 (autocast + gradient scaling, CUDA)")
+    MAX_EPOCH: int = _training(13, "epochs to train")
+    LR_BASE: float = _training(0.0001, "learning rate after the warm-up (the first three epochs ramp up to it)")
+    LR_DECAY_R: float = _training(0.2, "factor applied to the learning rate at each LR_DECAY_LIST epoch")
+    LR_DECAY_LIST: list[int] = _training(doc="0-based epochs from which the learning rate is decayed",
+                                         factory=lambda: [10, 12])
+    GRAD_NORM_CLIP: float = _training(-1.0, "clip the accumulated gradient to this L2 norm (<= 0: off)")
+    OPT: str = _training("Adam", "optimizer: any torch.optim class name")
+    OPT_PARAMS: dict[str, Any] = _training(doc="keyword arguments of OPT, e.g. {weight_decay: 0.01}", factory=dict)
+    OPT_BETAS: tuple[float, float] = _training(
+        (0.9, 0.98), "betas of optimizers that take them, unless OPT_PARAMS sets them")
+    OPT_EPS: float = _training(1e-9, "eps of optimizers that take it, unless OPT_PARAMS sets it")
 
     # --- evaluation and checkpoints
-    EVAL_EVERY_EPOCH: bool = True
-    TEST_SAVE_PRED: bool = False
-    RESUME: bool = False  # alone: continue the run named by VERSION from its newest checkpoint
-    CKPT_EVERY_STEPS: int = 0  # also save a resumable checkpoint every N updates (0: at epoch ends only)
-    KEEP_CKPTS: int = 2  # mid-epoch checkpoints kept, newest first (0: all); epoch checkpoints are never removed
-    MAX_BAD_UPDATES: int = 5  # stop after this many updates in a row with a non-finite loss or gradient
-    LOG_EVERY_STEPS: int = 50  # updates between progress lines (off a terminal) and TensorBoard training points
-    CKPT_VERSION: Optional[str] = None  # None: VERSION
-    CKPT_EPOCH: int = 0
-    CKPT_PATH: Optional[str] = None
-    TOKEN_DICT_PATH: Optional[str] = None  # pin the token dictionary (JSON {token: id})
-    ANSWER_DICT_PATH: Optional[str] = None  # pin the answer dictionary (mcan-vqa answer_dict.json)
+    EVAL_EVERY_EPOCH: bool = _training(True, "evaluate on the val split after every epoch (when it has answers)")
+    TEST_SAVE_PRED: bool = _run(False, "val: also write every answer with its score (result_val_pred.json)")
+    RESUME: bool = _run(False, "continue the run named by VERSION from its newest checkpoint")
+    CKPT_EVERY_STEPS: int = _run(0, "also save a resumable checkpoint every N updates (0: at epoch ends only)")
+    KEEP_CKPTS: int = _run(2, "mid-epoch checkpoints kept, newest first (0: all); epoch ones are always kept")
+    MAX_BAD_UPDATES: int = _training(5, "stop after this many updates in a row with a non-finite loss or gradient")
+    LOG_EVERY_STEPS: int = _run(50, "updates (and evaluation batches) between progress lines off a terminal "
+                                    "and between TensorBoard training points")
+    CKPT_VERSION: Optional[str] = _run(None, "run whose checkpoint val/test/predict/resume load (null: VERSION)")
+    CKPT_EPOCH: int = _run(0, "epoch of the checkpoint to load (0: the newest)")
+    CKPT_PATH: Optional[str] = _run(None, "load this checkpoint file instead (an original mcan-vqa one too)")
+    TOKEN_DICT_PATH: Optional[str] = _data(None, "pin the token dictionary to this JSON file ({token: id})")
+    ANSWER_DICT_PATH: Optional[str] = _data(
+        None, "pin the answer dictionary to this file (mcan-vqa's answer_dict.json)")
 
     # the model's own keys: an instance of the dataclass its registration declares
     model_keys: Any = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         if self.model_keys is None:
-            object.__setattr__(self, "model_keys", _model_keys_class(self.MODEL_USE)())
+            object.__setattr__(self, "model_keys", model_spec(self.MODEL_USE).keys())
 
     def __getattr__(self, name: str) -> Any:
         # reached only when `name` is not a common key: look among the model's own keys
@@ -126,19 +143,6 @@ class Config:
 
 KEYS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(Config) if f.name != "model_keys")
 _TYPES: dict[str, Any] = {k: v for k, v in typing.get_type_hints(Config).items() if k in KEYS}
-
-
-def _model_keys_class(model: str) -> type:
-    from accuvqa.models import model_spec  # the registry fills when the models are imported
-
-    return model_spec(model).keys
-
-
-def model_key_types(model: str) -> dict[str, Any]:
-    """The config keys a registered model declares, with their types."""
-    keys = _model_keys_class(model)
-    hints = typing.get_type_hints(keys)
-    return {f.name: hints[f.name] for f in dataclasses.fields(keys)}
 
 
 def _key_types(model: str) -> dict[str, Any]:
@@ -227,8 +231,6 @@ def _check_key(key: str, source: str, model: str) -> None:
     types = _key_types(model)
     if key in types:
         return
-    from accuvqa.models import list_models
-
     owners = [name for name in list_models() if key in model_key_types(name)]
     if owners:
         raise ConfigError(f"{key} (in {source}) is a key of model {', '.join(owners)}, not of "
@@ -236,20 +238,6 @@ def _check_key(key: str, source: str, model: str) -> None:
     close = difflib.get_close_matches(key.upper(), list(types), n=1, cutoff=0.5)
     hint = f"; did you mean {close[0]}?" if close else ""
     raise ConfigError(f"unknown config key {key!r} in {source}{hint}")
-
-
-def require_positive(obj: Any, keys: Sequence[str], where: Callable[[str], str]) -> None:
-    """ConfigError naming the first of `keys` whose value on `obj` is not positive."""
-    for key in keys:
-        if getattr(obj, key) <= 0:
-            raise ConfigError(f"{key} must be a positive integer, got {getattr(obj, key)}{where(key)}")
-
-
-def require_rate(obj: Any, keys: Sequence[str], where: Callable[[str], str]) -> None:
-    """ConfigError naming the first of `keys` (dropout rates) whose value on `obj` is not in [0, 1)."""
-    for key in keys:
-        if not 0.0 <= getattr(obj, key) < 1.0:
-            raise ConfigError(f"{key} must be in [0, 1), got {getattr(obj, key)}{where(key)}")
 
 
 def _validate(cfg: Config, sources: Mapping[str, str]) -> None:
@@ -266,9 +254,7 @@ def _validate(cfg: Config, sources: Mapping[str, str]) -> None:
             raise ConfigError(f"GRAD_ACCU_STEPS must be a positive integer or 'auto', got "
                               f"{cfg.GRAD_ACCU_STEPS!r}{where('GRAD_ACCU_STEPS')}")
     elif cfg.GRAD_ACCU_STEPS < 1:
-        raise ConfigError(
-            f"GRAD_ACCU_STEPS must be at least 1, got {cfg.GRAD_ACCU_STEPS}{where('GRAD_ACCU_STEPS')}"
-        )
+        raise ConfigError(f"GRAD_ACCU_STEPS must be at least 1, got {cfg.GRAD_ACCU_STEPS}{where('GRAD_ACCU_STEPS')}")
     check_batch_split(cfg, world_size=1)
     _validate_optimizer(cfg, where)
     if cfg.LOSS_REDUCTION not in ("sum", "mean"):
@@ -288,8 +274,6 @@ def _validate(cfg: Config, sources: Mapping[str, str]) -> None:
 
 
 def _validate_optimizer(cfg: Config, where: Callable[[str], str]) -> None:
-    import inspect
-
     import torch.optim
 
     opt = getattr(torch.optim, cfg.OPT, None)
@@ -324,7 +308,7 @@ def _model_of(values: Mapping[str, Any], sources: Mapping[str, str]) -> str:
     """MODEL_USE of these values, checked to name a registered model."""
     model = _coerce("MODEL_USE", values.get("MODEL_USE", Config.MODEL_USE), sources.get("MODEL_USE", "defaults"),
                     _TYPES)
-    _model_keys_class(model)  # ConfigError listing the registered models
+    model_spec(model)  # ConfigError listing the registered models
     return model
 
 
@@ -336,7 +320,7 @@ def _build(values: Mapping[str, Any], sources: Mapping[str, str]) -> Config:
     types = _key_types(model)
     converted = {k: _coerce(k, v, sources.get(k, "defaults"), types) for k, v in values.items()}
     own = model_key_types(model)
-    model_keys = _model_keys_class(model)(**{k: v for k, v in converted.items() if k in own})
+    model_keys = model_spec(model).keys(**{k: v for k, v in converted.items() if k in own})
     cfg = Config(**{k: v for k, v in converted.items() if k not in own}, model_keys=model_keys)
     _validate(cfg, sources)
     return cfg

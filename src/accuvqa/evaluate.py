@@ -18,13 +18,13 @@ from accuvqa.checkpoint import load_trained
 from accuvqa.config import Config
 from accuvqa.data.dataset import VQADataset
 from accuvqa.data.loader import batch_loader, eval_batches, load_questions, make_dataset
-from accuvqa.data.qa_store import QuestionArrays
-from accuvqa.data.records import QuestionRecord, annotation_file
+from accuvqa.data.questions import QuestionArrays
+from accuvqa.data.records import QuestionRecord
 from accuvqa.data.vocab import Vocab
 from accuvqa.files import append_jsonl, write_json_atomic
 from accuvqa.metrics import evaluate as vqa_evaluate
 from accuvqa.models import model_inputs
-from accuvqa.runlog import append_log, progress, run_dir
+from accuvqa.runlog import append_log, print_table, progress, run_dir
 from accuvqa.runtime import Runtime, gather, rank_failures, setup_runtime, shard, to_device
 
 
@@ -62,7 +62,7 @@ def predict_dataset(model: torch.nn.Module, dataset: VQADataset, cfg: Config, de
 
 def score_predictions(records: Sequence[QuestionRecord] | QuestionArrays, answers: Sequence[str]) -> dict[str, Any]:
     """Official VQA accuracy (percent) overall, per answer type and per question type."""
-    if isinstance(records, QuestionArrays):  # the annotators' answers are read now, not kept by the run
+    if isinstance(records, QuestionArrays):
         predictions = dict(zip(records.question_id.tolist(), answers))
         questions = records.scoring_table()
     else:
@@ -112,7 +112,6 @@ def run_eval(cfg: Config, split: str) -> dict[str, Any]:
     """
     rt = setup_runtime(cfg)
     model, vocab, path, epoch = load_trained(cfg, rt.device)
-    has_answers = annotation_file(cfg.DATASET_PATH, split).is_file()
     dataset = make_dataset(cfg, load_questions(cfg, split, need_answers=split == "val"), vocab)
     records = dataset.questions
     top_ix, top_score, loss = predict_dataset(model, dataset, cfg, rt.device, desc=f"eval {split}", rt=rt)
@@ -129,7 +128,7 @@ def run_eval(cfg: Config, split: str) -> dict[str, Any]:
         preds = [{"question_id": q, "answer": a, "score": float(s)}
                  for q, a, s in zip(records.question_id.tolist(), answers, top_score)]
         summary["predictions"] = str(write_json_atomic(out_dir / "result_val_pred.json", preds))
-    if has_answers and records.annotated.all():
+    if len(records) and records.annotated.all():  # the test split of VQA v2 has no annotations
         result = score_predictions(records, answers)
         record_metrics(cfg, split, epoch, None, result, loss)
         summary.update(accuracy=result["accuracy"], per_answer_type=result["per_answer_type"])
@@ -138,8 +137,6 @@ def run_eval(cfg: Config, split: str) -> dict[str, Any]:
 
 def main(cfg: Config, args: argparse.Namespace) -> int:
     """`accuvqa val` / `accuvqa test`: print the evaluation's table."""
-    from accuvqa.cli import print_table
-
     with rank_failures():
         s = run_eval(cfg, args.command)
     if torch.distributed.is_initialized() and torch.distributed.get_rank() != 0:

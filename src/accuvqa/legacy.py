@@ -1,4 +1,6 @@
-"""mcan-vqa's `run.py` flags, translated to accuvqa's command line.
+"""Translate mcan-vqa's command-line flags (its `run.py`: `--RUN`, `--MODEL`, `--CKPT_V`, ...) into
+accuvqa's command line, so an mcan-vqa command runs as it is (`accuvqa` applies this to every
+command line first; docs/migrating-from-mcan-vqa.md).
 
 `python3 run.py --RUN='val' --MODEL='large' --CKPT_V=large --CKPT_E=13` becomes
 `accuvqa val --config <the packaged large.yml> --CKPT_VERSION large --CKPT_EPOCH 13`. Flags may be

@@ -4,15 +4,16 @@
 from __future__ import annotations
 
 import argparse
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from accuvqa.attention import check_picture_path, draw_attention, exposes_attention, read_image, require_attention
+from accuvqa.attention import (Answer, check_picture_path, cut_maps, draw_attention, exposes_attention, read_image,
+                               require_attention)
 from accuvqa.checkpoint import load_trained
 from accuvqa.config import Config
+from accuvqa.data.feature_store import PackedFeatures, dataset_image
 from accuvqa.data.features import _READ_ERRORS, read_boxes, read_features
 from accuvqa.data.records import FOLDERS
 from accuvqa.data.vocab import encode_tokens, tokenize
@@ -21,9 +22,18 @@ from accuvqa.models import model_inputs, model_spec
 from accuvqa.runtime import setup_runtime
 
 
+def _in_store(cfg: Config, image: str | Path) -> tuple[PackedFeatures, int] | None:
+    """A dataset image's packed store and id, when `image` names one of its feature files (present or not)."""
+    return dataset_image(cfg.FEATURE_PATH, image, cfg.IMG_FEAT_SIZE, cfg.STORE_PATH)
+
+
 def image_region_features(cfg: Config, image: str | Path) -> np.ndarray:
-    """(N, IMG_FEAT_SIZE) features of one image: a features .npz, or (easyvqa) a PNG/JPEG file."""
+    """(N, IMG_FEAT_SIZE) features of one image: a dataset image's from its packed store, another features
+    .npz's, or (easyvqa) those of a PNG/JPEG file."""
     image_path = Path(image)
+    found = _in_store(cfg, image_path)
+    if found is not None:
+        return found[0].read(found[1], cfg.IMG_FEAT_PAD_SIZE)
     if not image_path.is_file():
         raise DataError(f"image {image} does not exist")
     if image_path.suffix == ".npz":
@@ -40,6 +50,11 @@ def image_regions(cfg: Config, image: str | Path) -> tuple[np.ndarray | None, tu
     """Region boxes (N, 4) x1, y1, x2, y2 in image pixels and the image's (width, height), either None
     when unknown: a features .npz's `bbox`, `image_w`, `image_h`, or easy-VQA's own regions of an image file."""
     image_path = Path(image)
+    found = _in_store(cfg, image_path)
+    if found is not None:
+        store, image_id = found
+        has_boxes = store.count(image_id) == 0 or store.read_boxes(image_id, 1, missing_ok=True).any()
+        return (store.read_boxes(image_id, cfg.IMG_FEAT_PAD_SIZE) if has_boxes else None), store.image_size(image_id)
     if image_path.suffix == ".npz":
         try:
             with np.load(image_path) as npz:
@@ -58,24 +73,6 @@ def image_regions(cfg: Config, image: str | Path) -> tuple[np.ndarray | None, tu
         rgb = read_rgb(image_path)
         return image_features(rgb)[1], (rgb.shape[1], rgb.shape[0])
     return None, None
-
-
-@dataclass
-class Answer:
-    """One forward pass: the top answers and, for a model that exposes attention, its maps.
-
-    `region_weights` (N,): the AttFlat image weights that pool the regions for the classifier (mean
-    over glimpses). `maps`: name -> array without the batch axis, cut to the question's words (T) and
-    the image's regions (N): `question_self/<i>` (heads, T, T), `image_self/<i>` (heads, N, N),
-    `image_question/<i>` (heads, N, T), `image_flat` (N, G), `question_flat` (T, G).
-    """
-
-    question: str
-    answers: list[tuple[str, float]]  # (answer, sigmoid score), best first
-    tokens: list[str]  # the words as the model saw them (UNK for words outside its dictionary)
-    region_weights: np.ndarray | None = None
-    maps: dict[str, np.ndarray] = field(default_factory=dict)
-    boxes: np.ndarray | None = None
 
 
 class Predictor:
@@ -139,7 +136,7 @@ class Predictor:
         result = Answer(question, [(ix_to_ans[i], float(s)) for s, i in zip(top.values.tolist(), top.indices.tolist())],
                         [w if w in token_to_ix else "UNK" for w in words], boxes=boxes)
         if keep:
-            result.maps = _cut_maps(maps, len(words), len(feats))
+            result.maps = cut_maps(maps, len(words), len(feats))
             result.region_weights = result.maps["image_flat"].mean(axis=1)
         return result
 
@@ -150,23 +147,6 @@ class Predictor:
         return draw_attention(answer, out, image_file=image_file, boxes=boxes, image_size=image_size, layers=layers)
 
 
-def _cut_maps(maps: dict[str, torch.Tensor], n_words: int, n_regions: int) -> dict[str, np.ndarray]:
-    """Drop the batch axis and the question's padding positions (queries and keys)."""
-    sizes = {"question": n_words, "image": n_regions}
-    axes = {"question_self": ("question", "question"), "image_self": ("image", "image"),
-            "image_question": ("image", "question")}
-    cut = {}
-    for name, m in maps.items():
-        m = m[0].float().cpu().numpy()
-        kind = name.split("/")[0]
-        if kind in axes:
-            q, k = axes[kind]
-            cut[name] = m[:, :sizes[q], :sizes[k]]
-        else:  # image_flat / question_flat: (L, G)
-            cut[name] = m[:sizes[kind.split("_")[0]]]
-    return cut
-
-
 def reads_boxes(cfg: Config) -> bool:
     """Whether the configured model's forward takes region boxes (`bbox`)."""
     return "bbox" in model_spec(cfg.MODEL_USE).inputs
@@ -175,7 +155,10 @@ def reads_boxes(cfg: Config) -> bool:
 def image_region_boxes(cfg: Config, image: str | Path, n_regions: int) -> np.ndarray:
     """(N, 4) boxes x1, y1, x2, y2 of the `n_regions` regions `image_region_features` gave for `image`."""
     image_path = Path(image)
-    if image_path.suffix == ".npz":
+    found = _in_store(cfg, image_path)
+    if found is not None:
+        boxes = found[0].read_boxes(found[1], cfg.IMG_FEAT_PAD_SIZE)
+    elif image_path.suffix == ".npz":
         boxes = read_boxes(image_path, cfg.IMG_FEAT_PAD_SIZE)
     else:
         from accuvqa.data.easyvqa import image_features, read_rgb

@@ -6,6 +6,7 @@ Under `<RESULT_PATH>/<VERSION>/`, on the first process only:
   their evaluations and checkpoints, warnings, how it ended), appended, never truncated;
 - TensorBoard event files, when the `tensorboard` extra is installed (`pip install accuvqa[tensorboard]`).
 
+`print_table` prints the summary a command ends with (`append_log` keeps it in log.txt too);
 `progress` is a tqdm bar on a terminal and one plain line every N steps elsewhere (a log file, CI).
 """
 
@@ -47,6 +48,13 @@ def config_yaml(cfg: Config) -> str:
 def save_config(cfg: Config) -> Path:
     """Write <run dir>/config.yml atomically."""
     return atomic_write(run_dir(cfg) / "config.yml", lambda f: f.write(config_yaml(cfg).encode()))
+
+
+def print_table(title: str, rows: dict[str, Any]) -> list[str]:
+    """Print a title line, then `  key   value` rows: the summaries the commands print; return the lines."""
+    lines = [title, *(f"  {key:<18} {value}" for key, value in rows.items())]
+    print("\n".join(lines))
+    return lines
 
 
 def append_log(cfg: Config, lines: Iterable[str]) -> None:

@@ -1,5 +1,6 @@
 """Where a run executes: device, threads, seeds, the process group under torchrun (its timeout, its
-shards, its failures, the `--nproc` launcher), mixed precision, signals."""
+shards, its failures), mixed precision, signals. Imports nothing of accuvqa above config; the
+`--nproc` launcher is `accuvqa.launch`."""
 
 from __future__ import annotations
 
@@ -42,7 +43,7 @@ class Runtime:
         return self.rank == 0
 
 
-def process_place() -> tuple[int, int]:
+def rank_and_world_size() -> tuple[int, int]:
     """(rank, world size) of this process, as torchrun announces them; (0, 1) outside torchrun."""
     return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
 
@@ -55,7 +56,7 @@ def setup_runtime(cfg: Config) -> Runtime:
     """
     if cfg.NUM_THREADS > 0:
         torch.set_num_threads(cfg.NUM_THREADS)
-    rank, world_size = process_place()
+    rank, world_size = rank_and_world_size()
     check_batch_split(cfg, world_size)  # before joining: every process says it, none waits for the others
     fail_at = _failure_drill_of(rank)
     if cfg.DEVICE == "auto":
@@ -163,8 +164,8 @@ def _first_sentence(error: BaseException) -> str:
 def rank_failures(last_checkpoint: Callable[[], Any] = lambda: None) -> Iterator[None]:
     """In one process of several: the error that ends it names the process (`rank R of W: ...`) and
     reaches torchrun's failure summary; a failed collective becomes one PeerFailure naming the last
-    good checkpoint. Outside torchrun: nothing changes."""
-    rank, world_size = process_place()
+    good checkpoint (`last_checkpoint()`, which the caller gives). Outside torchrun: nothing changes."""
+    rank, world_size = rank_and_world_size()
     if world_size == 1:
         yield
         return
@@ -247,76 +248,3 @@ class StopRequest:
             if asked and self.signum is None:
                 self.signum = signal.SIGTERM  # another process was signalled
         return asked
-
-
-# ----------------------------------------------------------------------------- the launcher
-
-class JobFailed(AccuvqaError):
-    """A process of a job started by `--nproc` failed: the job ends with that process's exit code."""
-
-    def __init__(self, message: str, exit_code: int) -> None:
-        super().__init__(message)
-        self.exit_code = exit_code
-
-
-def without_nproc(argv: Sequence[str]) -> list[str]:
-    """The command line less its `--nproc N` (or `--nproc=N`): what each launched process runs."""
-    kept: list[str] = []
-    skip = False
-    for arg in argv:
-        if skip:
-            skip = False
-        elif arg == "--nproc":
-            skip = True
-        elif not arg.startswith("--nproc="):
-            kept.append(arg)
-    return kept
-
-
-def launch(nproc: int, argv: Sequence[str], cfg: Config) -> int:
-    """`accuvqa train --nproc N ...`: the same command in N processes on this machine, through
-    torchrun's launcher (`torchrun --standalone --nproc_per_node N -m accuvqa ...`).
-
-    When a process fails, the launcher stops the others (SIGTERM, SIGKILL 30 s later) and this
-    raises JobFailed naming the process that failed first, how, and the last good checkpoint.
-    """
-    if nproc < 1:
-        raise ConfigError(f"--nproc must be at least 1 (the number of processes to train with), got {nproc}")
-    if process_place()[1] > 1:
-        raise ConfigError("--nproc starts its own processes: under torchrun (or another launcher) leave it out")
-    check_batch_split(cfg, nproc)
-    from accuvqa.cli import run  # a cycle at import time otherwise: the cli imports the commands' modules
-
-    if nproc == 1:
-        return run(list(argv))
-    from torch.distributed.elastic.multiprocessing.api import SignalException
-    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-    from torch.distributed.run import parse_args
-    from torch.distributed.run import run as torchrun
-
-    from accuvqa.checkpoint import latest_checkpoint
-
-    # torchrun sets 1 thread per process (with a warning) when OMP_NUM_THREADS is unset: share the cores
-    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
-    logging.getLogger("torch.distributed.elastic").setLevel(logging.WARNING)
-    args = parse_args(["--standalone", "--nproc_per_node", str(nproc), "-m", "accuvqa", *argv])
-    try:
-        torchrun(args)
-    except SignalException as e:  # the launcher was signalled: the processes got the same signal
-        return 128 + int(e.sigval)
-    except ChildFailedError as e:
-        rank, failure = e.get_first_failure()
-        if failure.exitcode < 0:
-            name = failure.signal_name()
-            how = f"rank {rank} of {nproc} was killed by {name}" + (
-                " (often the out-of-memory killer, see dmesg)" if name == "SIGKILL" else "")
-            code = 128 - failure.exitcode
-        else:
-            said = failure.message if isinstance(failure.message, str) and failure.message.startswith("rank ") else ""
-            how = said or f"rank {rank} of {nproc} exited with code {failure.exitcode} (its message is above)"
-            code = failure.exitcode
-        last = latest_checkpoint(cfg.CKPTS_PATH, cfg.run_version)
-        raise JobFailed(f"{how}; the other processes were stopped; the last good checkpoint is {last or 'none'}"
-                        + ("; continue with --RESUME True (on any number of processes)" if last else ""),
-                        code) from None
-    return 0

@@ -9,7 +9,6 @@ user error (not an image, no question, features of the wrong size) into a messag
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import threading
@@ -20,8 +19,11 @@ from typing import Any
 
 from accuvqa.config import Config
 from accuvqa.data.features import feature_file
-from accuvqa.data.records import FOLDERS, question_file
+from accuvqa.data.feature_store import open_features
+from accuvqa.data.question_store import question_store
+from accuvqa.data.records import FOLDERS
 from accuvqa.errors import AccuvqaError, ConfigError, DataError
+from accuvqa.runlog import print_table
 
 log = logging.getLogger(__name__)
 
@@ -62,32 +64,29 @@ def _easyvqa_image_files(folder: str) -> dict[int, str]:
 
 
 def dataset_images(cfg: Config, limit: int = DATASET_IMAGES) -> list[DatasetImage]:
-    """The first `limit` images (by id) of the val split (else test, else train) that have features."""
+    """The first `limit` images (by id) of the val split (else test, else train), from the prepared stores."""
+    try:
+        store = question_store(cfg)
+    except AccuvqaError as e:
+        log.warning("no dataset images on the page: %s", e)
+        return []
     for split in ("val", "test", "train"):
-        path = question_file(cfg.DATASET_PATH, split)
-        if not path.is_file():
+        if split not in store.splits:
             continue
-        try:
-            questions = json.loads(path.read_text())["questions"]
-        except (OSError, ValueError, KeyError, TypeError) as e:
-            log.warning("no dataset images on the page: cannot read %s (%s)", path, e)
-            return []
+        questions = store.questions(split, need_answers=False)
         by_image: dict[int, list[str]] = {}
-        for q in questions:
-            by_image.setdefault(int(q["image_id"]), []).append(str(q["question"]))
+        for image_id, question in zip(questions.image_id.tolist(), questions.questions()):
+            by_image.setdefault(image_id, []).append(question)
         folder = FOLDERS[split]
+        packed = open_features(cfg.FEATURE_PATH, [folder], cfg.IMG_FEAT_SIZE, store_path=cfg.STORE_PATH)
         pictures = _easyvqa_image_files(folder) if cfg.DATASET == "easyvqa" else {}
         images = []
-        for image_id in sorted(by_image):
-            features = feature_file(cfg.FEATURE_PATH, folder, image_id)
-            if features.is_file():
-                picture = pictures.get(image_id)
-                images.append(DatasetImage(f"{split} image {image_id}", features, Path(picture) if picture else None,
-                                           tuple(by_image[image_id])))
-            if len(images) == limit:
-                break
+        for image_id in sorted(i for i in by_image if i in packed)[:limit]:
+            picture = pictures.get(image_id)
+            images.append(DatasetImage(f"{split} image {image_id}", feature_file(cfg.FEATURE_PATH, folder, image_id),
+                                       Path(picture) if picture else None, tuple(by_image[image_id])))
         return images
-    log.warning("no dataset images on the page: no question file in DATASET_PATH %s", cfg.DATASET_PATH)
+    log.warning("no dataset images on the page: the question store %s holds no split", store.path)
     return []
 
 
@@ -217,8 +216,6 @@ def build_page(page: Page, gr: Any) -> Any:
 
 def main(cfg: Config, args: argparse.Namespace) -> int:
     """Load the model, serve the page on --host:--port until interrupted."""
-    from accuvqa.cli import print_table
-
     gr = import_gradio()
     page = Page(cfg)
     blocks = build_page(page, gr)

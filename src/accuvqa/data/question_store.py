@@ -98,6 +98,10 @@ def question_store(cfg: Config, progress: Callable[[Sequence, str], Iterable] | 
             and why_stale(store_dir(cfg), plan, _sources(cfg)) is not None):
         log.info("writing the bundled easy-VQA data to %s and %s first", cfg.DATASET_PATH, cfg.FEATURE_PATH)
         prepare_easyvqa(cfg, progress=progress)
+    elif why_stale(store_dir(cfg), plan, _sources(cfg)) is not None:
+        for split in parse_splits(cfg.TRAIN_SPLIT):  # a wrong DATASET_PATH is named before any "building" line
+            if not question_file(cfg.DATASET_PATH, split).is_file():
+                load_split(cfg.DATASET_PATH, split, need_answers=False)  # raises the DataError naming the file
     path = ensure_store(store_dir(cfg), plan, lambda: _sources(cfg), build, WHAT)
     return QuestionStore(path)
 

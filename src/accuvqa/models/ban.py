@@ -20,23 +20,23 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from accuvqa.config import require_positive, require_rate
 from accuvqa.errors import ConfigError
 from accuvqa.models.ported import WeightNormLinear, copy_embedding, fixed_length, run_lstm
-from accuvqa.models.registry import register_model
+from accuvqa.models.registry import config_key, register_model, require_positive, require_rate
 
 
 @dataclass(frozen=True)
 class BANKeys:
     """BAN's own config keys; names and defaults are openvqa's (models/ban/model_cfgs.py: BAN-8)."""
 
-    GLIMPSE: int = 8
-    HIDDEN_SIZE: int = 1024
-    K_TIMES: int = 3
-    BA_HIDDEN_SIZE: Optional[int] = None  # None: K_TIMES x HIDDEN_SIZE, as openvqa derives it
-    DROPOUT_R: float = 0.2
-    CLASSIFER_DROPOUT_R: float = 0.5
-    FLAT_OUT_SIZE: int = 2048
+    GLIMPSE: int = config_key(8, "bilinear attention glimpses (maps over region-word pairs)")
+    HIDDEN_SIZE: int = config_key(1024, "hidden size of the question GRU and the joint space")
+    K_TIMES: int = config_key(3, "rank multiplier of the low-rank bilinear attention")
+    BA_HIDDEN_SIZE: Optional[int] = config_key(  # derived as openvqa derives it
+        None, "width of the bilinear attention (null: K_TIMES x HIDDEN_SIZE)")
+    DROPOUT_R: float = config_key(0.2, "dropout rate")
+    CLASSIFER_DROPOUT_R: float = config_key(0.5, "dropout rate of the classifier (openvqa's spelling)")
+    FLAT_OUT_SIZE: int = config_key(2048, "hidden size of the classifier")
 
     DERIVED: ClassVar[dict[str, str]] = {"BA_HIDDEN_SIZE": "HIDDEN_SIZE"}
 

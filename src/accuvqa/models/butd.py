@@ -15,9 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from accuvqa.config import require_positive, require_rate
 from accuvqa.models.ported import WeightNormLinear, copy_embedding, fixed_length, run_lstm
-from accuvqa.models.registry import register_model
+from accuvqa.models.registry import config_key, register_model, require_positive, require_rate
 
 
 @dataclass(frozen=True)
@@ -27,10 +26,10 @@ class BUTDKeys:
     openvqa's IMG_FEAT_SIZE (2048) is accuvqa's common key of the same name.
     """
 
-    HIDDEN_SIZE: int = 512
-    DROPOUT_R: float = 0.2
-    CLASSIFER_DROPOUT_R: float = 0.5  # sic: openvqa's spelling
-    FLAT_OUT_SIZE: int = 1024
+    HIDDEN_SIZE: int = config_key(512, "hidden size of the question LSTM and the attention")
+    DROPOUT_R: float = config_key(0.2, "dropout rate of the attention")
+    CLASSIFER_DROPOUT_R: float = config_key(0.5, "dropout rate of the classifier (openvqa's spelling)")
+    FLAT_OUT_SIZE: int = config_key(1024, "size of the joint question-image vector the classifier reads")
 
     def validate(self, where: Callable[[str], str]) -> None:
         """Raise ConfigError for sizes that cannot build the network."""

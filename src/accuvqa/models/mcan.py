@@ -9,24 +9,23 @@ import numpy as np
 import torch
 from torch import nn
 
-from accuvqa.config import require_positive
 from accuvqa.errors import ConfigError
 from accuvqa.models.layers import SA, SGA, AttFlat, LayerNorm, MHAtt
-from accuvqa.models.registry import register_model
+from accuvqa.models.registry import config_key, register_model, require_positive
 
 
 @dataclass(frozen=True)
 class MCANKeys:
     """MCAN's own config keys; names and defaults are mcan-vqa's (MCAN-small)."""
 
-    LAYER: int = 6
-    HIDDEN_SIZE: int = 512
-    MULTI_HEAD: int = 8
-    DROPOUT_R: float = 0.1
-    FLAT_MLP_SIZE: int = 512
-    FLAT_GLIMPSES: int = 1
-    FLAT_OUT_SIZE: int = 1024
-    FF_SIZE: Optional[int] = None  # None: 4 x HIDDEN_SIZE
+    LAYER: int = config_key(6, "encoder (SA) and decoder (SGA) layers, each")
+    HIDDEN_SIZE: int = config_key(512, "width of every attention layer")
+    MULTI_HEAD: int = config_key(8, "attention heads (must divide HIDDEN_SIZE)")
+    DROPOUT_R: float = config_key(0.1, "dropout rate")
+    FLAT_MLP_SIZE: int = config_key(512, "hidden size of the attentional reduction's MLP")
+    FLAT_GLIMPSES: int = config_key(1, "glimpses of the attentional reduction")
+    FLAT_OUT_SIZE: int = config_key(1024, "size of the fused question-image vector")
+    FF_SIZE: Optional[int] = config_key(None, "width of the feed-forward layers (null: 4 x HIDDEN_SIZE)")
 
     # key -> the key it is derived from when left unset (re-derived when that key is replaced)
     DERIVED: ClassVar[dict[str, str]] = {"FF_SIZE": "HIDDEN_SIZE"}

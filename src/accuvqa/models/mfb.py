@@ -16,24 +16,25 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from accuvqa.config import require_positive, require_rate
 from accuvqa.models.layers import MLP
-from accuvqa.models.registry import register_model
 from accuvqa.models.ported import copy_embedding, fixed_length, run_lstm
+from accuvqa.models.registry import config_key, register_model, require_positive, require_rate
+
+_HIGH_ORDER_DOC = "False: MFB, one factorised bilinear block; True: MFH, two blocks in cascade"
 
 
 @dataclass(frozen=True)
 class MFBKeys:
     """MFB's own config keys; names and defaults are openvqa's (`models/mfb/model_cfgs.py`)."""
 
-    HIGH_ORDER: bool = False  # True: MFH
-    HIDDEN_SIZE: int = 512
-    MFB_K: int = 5
-    MFB_O: int = 1000
-    LSTM_OUT_SIZE: int = 1024
-    DROPOUT_R: float = 0.1
-    I_GLIMPSES: int = 2
-    Q_GLIMPSES: int = 2
+    HIGH_ORDER: bool = config_key(False, _HIGH_ORDER_DOC)
+    HIDDEN_SIZE: int = config_key(512, "width of the question and image attention MLPs")
+    MFB_K: int = config_key(5, "factor k of the factorised bilinear pooling (sum-pooling window)")
+    MFB_O: int = config_key(1000, "output size o of each bilinear block")
+    LSTM_OUT_SIZE: int = config_key(1024, "hidden size of the question LSTM")
+    DROPOUT_R: float = config_key(0.1, "dropout rate")
+    I_GLIMPSES: int = config_key(2, "glimpses of the image attention")
+    Q_GLIMPSES: int = config_key(2, "glimpses of the question attention")
 
     def validate(self, where: Callable[[str], str]) -> None:
         """Raise ConfigError for sizes that cannot build the network."""
@@ -45,7 +46,7 @@ class MFBKeys:
 class MFHKeys(MFBKeys):
     """MFH: MFB's keys with HIGH_ORDER on (openvqa's mfh.yml)."""
 
-    HIGH_ORDER: bool = True
+    HIGH_ORDER: bool = config_key(True, _HIGH_ORDER_DOC)
 
 
 class MFB(nn.Module):

@@ -12,7 +12,7 @@ and `ques_ix`. Module and parameter names are openvqa's, so its state_dicts load
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import numpy as np
@@ -20,12 +20,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from accuvqa.config import require_positive, require_rate
 from accuvqa.errors import ConfigError
 from accuvqa.models.layers import MASK_VALUE, MLP, AttFlat, LayerNorm, MHAtt
 from accuvqa.models.mcan import make_mask
 from accuvqa.models.ported import copy_embedding, run_lstm
-from accuvqa.models.registry import register_model
+from accuvqa.models.registry import config_key, register_model, require_positive, require_rate
 
 ENCODER_CELLS = ("SA", "FFN")  # the encoder sees the question only
 DECODER_CELLS = ("SA", "GA", "RSA", "FFN")
@@ -47,15 +46,16 @@ class MMNasNetKeys:
     uses none of them (the FFN cells are 4 x HIDDEN_SIZE wide; the box-feature branch is unused).
     """
 
-    ARCH: dict[str, list[str]] = field(default_factory=_default_arch)
-    HIDDEN_SIZE: int = 512
-    REL_HBASE: int = 64
-    REL_SIZE: int = 64
-    MULTI_HEAD: int = 8
-    DROPOUT_R: float = 0.1
-    FLAT_MLP_SIZE: int = 512
-    FLAT_GLIMPSES: int = 1
-    FLAT_OUT_SIZE: int = 1024
+    ARCH: dict[str, list[str]] = config_key(
+        doc="the searched cells: {enc: [SA|FFN ...], dec: [SA|GA|RSA|FFN ...]}", factory=_default_arch)
+    HIDDEN_SIZE: int = config_key(512, "width of every cell")
+    REL_HBASE: int = config_key(64, "head size of the relation embedding of RSA cells")
+    REL_SIZE: int = config_key(64, "size of each region pair's relative-position features")
+    MULTI_HEAD: int = config_key(8, "attention heads (must divide HIDDEN_SIZE)")
+    DROPOUT_R: float = config_key(0.1, "dropout rate")
+    FLAT_MLP_SIZE: int = config_key(512, "hidden size of the attentional reduction's MLP")
+    FLAT_GLIMPSES: int = config_key(1, "glimpses of the attentional reduction")
+    FLAT_OUT_SIZE: int = config_key(1024, "size of the fused question-image vector")
 
     def validate(self, where: Callable[[str], str]) -> None:
         """Raise ConfigError for an architecture or sizes that cannot build an MMNasNet."""

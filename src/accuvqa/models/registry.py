@@ -2,7 +2,9 @@
 
 A model module registers itself with `@register_model(name, keys=..., ...)` (timm's
 `register_model` / `create_model` pattern), declaring:
-- `keys`: a frozen dataclass of its own config keys with defaults (validated by its `validate`);
+- `keys`: a frozen dataclass of its own config keys, each a `config_key(default, meaning)` (its one
+  description, shown by `--help` and docs/config.md), checked by its `validate` with the
+  `require_*` helpers below;
 - `inputs`: the batch keys its `forward` takes, in order;
 - `token_param` / `answer_param`: the parameters whose first dimension is the token / answer
   dictionary size, so loading weights names the right dictionary for any model.
@@ -10,10 +12,35 @@ A model module registers itself with `@register_model(name, keys=..., ...)` (tim
 
 from __future__ import annotations
 
+import dataclasses
+import typing
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 from accuvqa.errors import ConfigError
+
+
+def config_key(default: Any = dataclasses.MISSING, doc: str = "", *, group: Optional[str] = None,
+               factory: Optional[Callable[[], Any]] = None) -> Any:
+    """A config key's dataclass field: its default (or default `factory`) and its one-line meaning `doc`."""
+    metadata = {"doc": doc, **({"group": group} if group else {})}
+    if factory is not None:
+        return dataclasses.field(default_factory=factory, metadata=metadata)
+    return dataclasses.field(default=default, metadata=metadata)
+
+
+def require_positive(obj: Any, keys: Sequence[str], where: Callable[[str], str]) -> None:
+    """ConfigError naming the first of `keys` whose value on `obj` is not positive."""
+    for key in keys:
+        if getattr(obj, key) <= 0:
+            raise ConfigError(f"{key} must be a positive integer, got {getattr(obj, key)}{where(key)}")
+
+
+def require_rate(obj: Any, keys: Sequence[str], where: Callable[[str], str]) -> None:
+    """ConfigError naming the first of `keys` (dropout rates) whose value on `obj` is not in [0, 1)."""
+    for key in keys:
+        if not 0.0 <= getattr(obj, key) < 1.0:
+            raise ConfigError(f"{key} must be in [0, 1), got {getattr(obj, key)}{where(key)}")
 
 
 @dataclass(frozen=True)
@@ -57,6 +84,13 @@ def model_spec(name: str) -> ModelSpec:
     except KeyError:
         raise ConfigError(f"MODEL_USE {name!r} is not a registered model; registered: "
                           f"{', '.join(list_models())}") from None
+
+
+def model_key_types(name: str) -> dict[str, Any]:
+    """The config keys the registered model `name` declares, with their types."""
+    keys = model_spec(name).keys
+    hints = typing.get_type_hints(keys)
+    return {f.name: hints[f.name] for f in dataclasses.fields(keys)}
 
 
 def build_model(cfg: Any, token_size: int, answer_size: int, pretrained_emb: Any = None) -> Any:

@@ -7,12 +7,12 @@ import numpy as np
 import pytest
 import torch
 
-import accuvqa.data.store as store_module
+import accuvqa.data.feature_store as store_module
 from accuvqa.config import load_config
 from accuvqa.data.features import index_features, read_features
 from accuvqa.data.loader import make_dataset
 from accuvqa.data.records import load_records
-from accuvqa.data.store import PackedFeatures, open_stores, pack_folder, store_dir
+from accuvqa.data.feature_store import PackedFeatures, open_stores, pack_folder, store_dir
 from accuvqa.data.vocab import build_vocab
 from accuvqa.errors import DataError
 from conftest import run_cli, write_vqa_layout
