@@ -1,5 +1,5 @@
-"""Time to the first update and question/answer memory of `accuvqa train` at VQA v2's size: the
-question JSON against the arrays `accuvqa prepare` writes, in the same run.
+"""Time to the first update and question/answer memory of `accuvqa train` at VQA v2's size: a run that
+finds the question store current against a run that builds it first (from the JSON), in the same tree.
 
     .venv/bin/python benchmarks/first_update.py --tree /tmp/qa_tree [--images 82783] [--runs 2]
         [--updates 10] [--workers 2] [--config small]
@@ -8,17 +8,25 @@ With no tree at --tree it writes one: a train split of --images COCO-like images
 each (82,783 images: VQA v2's 413,915 train questions), questions and ten annotator answers drawn
 as `make_vqa_tree.py` draws them, and tiny features (IMG_FEAT_SIZE 8, 10 to 20 regions, written
 with `np.savez`) so that the tree is quick to write and the features cost next to nothing: what is
-measured is the question side. It runs `accuvqa prepare` (tree check, packed features, question
-arrays; its time is printed), then `accuvqa train` in a fresh process per run, alternating the two
-readers (the JSON: the `train.qa` store moved aside; the arrays), --runs times each, NUM_WORKERS
---workers, dictionaries built from the data (no TOKEN_DICT_PATH / ANSWER_DICT_PATH), BATCH_SIZE 64,
---config's keys with a tiny MCAN (1 layer, hidden size 64; --full-model keeps the config's sizes).
+measured is the question side. It runs `accuvqa prepare` (tree check, question store, packed features;
+its time is printed), then `accuvqa train` in a fresh process per run, alternating the two cases --runs
+times each:
+- `built`: the `train.qa` store moved aside, so that the run builds it from the JSON first, as
+  `accuvqa train` on a freshly written tree does (the commands read only the stores: there is no
+  JSON reader to compare with any more); the store it built is deleted and the prepared one put back
+  after the run (also after an error; a run killed in between leaves `train.qa.aside`, which the next
+  run puts back);
+- `store`: the prepared store, current, read as it is.
+The packed feature store is current in both. NUM_WORKERS --workers, dictionaries built from the data
+(no TOKEN_DICT_PATH / ANSWER_DICT_PATH), BATCH_SIZE 64, --config's keys with a tiny MCAN (1 layer,
+hidden size 64; --full-model keeps the config's sizes).
 
 Each run reports:
 - seconds from starting the process to the end of the first update (interpreter and imports included);
 - where they go: start-up (interpreter, imports, runtime set-up), data (from the end of the runtime
-  set-up to the model being built: questions, dictionaries, dataset), model and first update
-  (building the model and optimizer, starting the workers, the first batch and update);
+  set-up to the model being built: the question store (built first in `built`), dictionaries,
+  dataset), model and first update (building the model and optimizer, starting the workers, the first
+  batch and update);
 - question/answer memory: peak RSS when the model is about to be built, minus the RSS before the
   data is read; and the peak RSS of the process at that point;
 - each loader worker's private memory (USS: Private_Clean + Private_Dirty of smaps_rollup) after
@@ -140,17 +148,18 @@ def write_tree(out: Path, images: int, seed: int = 0) -> None:
 
 
 def scoring_cost(dataset_path: Path, config: str) -> str:
-    """What scoring a split from the arrays costs: the annotators' answers' share of the split file,
-    and the time and memory to decode them into `metrics.evaluate`'s table (done only when scoring)."""
+    """What scoring a split from the arrays costs: the annotators' answers' share of the split file (held
+    with the arrays), and the time and memory to decode them into `metrics.evaluate`'s table (done only
+    when scoring)."""
     from accuvqa.config import load_config
-    from accuvqa.data.qa_store import QAStore
+    from accuvqa.data.question_store import question_store
 
     def rss() -> int:
         with open("/proc/self/status") as f:
             return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS"))
 
     cfg = load_config(config, {"DATASET_PATH": str(dataset_path), "VERBOSE": False})
-    store = QAStore.open(cfg)
+    store = question_store(cfg)
     arrays = store.questions(cfg.TRAIN_SPLIT, need_answers=True)
     with np.load(store.path / f"{cfg.TRAIN_SPLIT}.npz") as z:
         sizes = {k: z[k].nbytes for k in z.files}
@@ -159,8 +168,8 @@ def scoring_cost(dataset_path: Path, config: str) -> str:
     table = arrays.scoring_table()
     seconds, grown = time.perf_counter() - start, rss() - before
     return (f"{len(table)} questions: arrays {(sum(sizes.values()) - gt) / 2**20:.1f} MiB, annotators' answers "
-            f"{gt / 2**20:.1f} MiB in the split file (read only when scoring); decoding them into the scoring "
-            f"table: {seconds:.2f} s, +{grown / 2**20:.0f} MiB RSS while it is held")
+            f"{gt / 2**20:.1f} MiB in the split file (held with the arrays, decoded only when scoring); decoding "
+            f"them into the scoring table: {seconds:.2f} s, +{grown / 2**20:.0f} MiB RSS while it is held")
 
 
 def accuvqa(*args: str) -> list[str]:
@@ -171,7 +180,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tree", type=Path, required=True)
     parser.add_argument("--images", type=int, default=82_783, help="train images, 5 questions each (when writing)")
-    parser.add_argument("--runs", type=int, default=2, help="runs of each reader, alternating")
+    parser.add_argument("--runs", type=int, default=2, help="runs of each case (built, store), alternating")
     parser.add_argument("--updates", type=int, default=10, help="updates before the workers are measured again")
     parser.add_argument("--workers", type=int, default=2, help="NUM_WORKERS")
     parser.add_argument("--config", default="small")
@@ -184,17 +193,21 @@ def main() -> int:
         print(f"wrote {tree} in {time.perf_counter() - start:.1f} s")
     overrides = ["--config", args.config, "--DATASET", "vqa", "--DATASET_PATH", str(tree / "vqa"),
                  "--FEATURE_PATH", str(tree / "coco_extract"), "--IMG_FEAT_SIZE", str(FEAT_SIZE), "--VERBOSE", "False"]
+    store = tree / "vqa" / "train.qa"
+    aside = store.with_name("train.qa.aside")
+    if aside.exists():  # left by a run killed while the store was aside
+        shutil.rmtree(store, ignore_errors=True)
+        aside.rename(store)
+        print(f"note: put back {store}, left aside by an interrupted run")
     start = time.perf_counter()
     subprocess.run(accuvqa("prepare", *overrides), check=True, stdout=subprocess.DEVNULL)
     print(f"accuvqa prepare: {time.perf_counter() - start:.1f} s (nothing to do when the tree was prepared before)")
-    store = tree / "vqa" / "train.qa"
-    aside = store.with_name("train.qa.aside")
     work = Path(os.environ.get("TMPDIR", "/tmp")) / f"first_update_{os.getpid()}"
-    results: dict[str, list[dict]] = {"json": [], "arrays": []}
+    results: dict[str, list[dict]] = {"built": [], "store": []}
     try:
         for run in range(args.runs):
-            for reader in ("json", "arrays"):
-                if reader == "json":
+            for case in ("built", "store"):
+                if case == "built":
                     store.rename(aside)
                 try:
                     env = {**os.environ, "FIRST_UPDATE_SPAWN": repr(time.time()),
@@ -202,20 +215,21 @@ def main() -> int:
                     proc = subprocess.run(
                         [sys.executable, "-c", CHILD, "train", *overrides, "--NUM_WORKERS", str(args.workers),
                          *([] if args.full_model else TINY),
-                         "--EVAL_EVERY_EPOCH", "False", "--BATCH_SIZE", "64", "--VERSION", f"{reader}{run}",
+                         "--EVAL_EVERY_EPOCH", "False", "--BATCH_SIZE", "64", "--VERSION", f"{case}{run}",
                          "--CKPTS_PATH", str(work / "ck"), "--RESULT_PATH", str(work / "res")],
                         env=env, capture_output=True, text=True)
                 finally:
-                    if reader == "json":
+                    if case == "built":
+                        shutil.rmtree(store, ignore_errors=True)  # the one this run built
                         aside.rename(store)
                 line = next((x for x in proc.stdout.splitlines() if x.startswith("FIRST_UPDATE ")), None)
                 if line is None:
                     print(proc.stdout[-2000:], proc.stderr[-4000:], file=sys.stderr)
                     return 1
                 r = json.loads(line.split(" ", 1)[1])
-                results[reader].append(r)
+                results[case].append(r)
                 mib = 2**20
-                print(f"run {run + 1} {reader:6}: first update {r['first_update_s']:.2f} s (start-up {r['startup_s']:.2f} "
+                print(f"run {run + 1} {case:6}: first update {r['first_update_s']:.2f} s (start-up {r['startup_s']:.2f} "
                       f"s, data {r['data_s']:.2f} s, model and first update {r['model_to_update_s']:.2f} s), "
                       f"question/answer memory {(r['peak_at_model'] - r['rss_before_data']) / mib:.0f} MiB (held "
                       f"{(r['rss_at_model'] - r['rss_before_data']) / mib:.0f}), peak RSS {r['peak_at_model'] / mib:.0f} "
@@ -228,12 +242,15 @@ def main() -> int:
     print("scoring from the arrays:", scoring_cost(tree / "vqa", args.config))
     if not args.runs:
         return 0
-    med = {k: {m: statistics.median(r[m] for r in v) for m in ("first_update_s", "data_s")} for k, v in results.items()}
-    qa = {k: statistics.median((r["peak_at_model"] - r["rss_before_data"]) / 2**20 for r in v) for k, v in results.items()}
-    print(f"median first update: JSON {med['json']['first_update_s']:.2f} s, arrays {med['arrays']['first_update_s']:.2f} s "
-          f"({med['json']['first_update_s'] / med['arrays']['first_update_s']:.1f}x); data: JSON "
-          f"{med['json']['data_s']:.2f} s, arrays {med['arrays']['data_s']:.2f} s; question/answer memory: JSON "
-          f"{qa['json']:.0f} MiB, arrays {qa['arrays']:.0f} MiB; load average {os.getloadavg()[0]:.2f}")
+    med = {k: {m: statistics.median(r[m] for r in v) for m in ("first_update_s", "data_s")}
+           for k, v in results.items()}
+    qa = {k: statistics.median((r["peak_at_model"] - r["rss_before_data"]) / 2**20 for r in v)
+          for k, v in results.items()}
+    built, current = med["built"], med["store"]
+    print(f"median first update: building the store {built['first_update_s']:.2f} s, store current "
+          f"{current['first_update_s']:.2f} s ({built['first_update_s'] / current['first_update_s']:.1f}x); data: "
+          f"built {built['data_s']:.2f} s, current {current['data_s']:.2f} s; question/answer memory: built "
+          f"{qa['built']:.0f} MiB, current {qa['store']:.0f} MiB; load average {os.getloadavg()[0]:.2f}")
     return 0
 
 

@@ -24,9 +24,12 @@ import torch
 from accuvqa.checkpoint import load_checkpoint
 from accuvqa.config import load_config
 from accuvqa.data.dataset import VQADataset
+from accuvqa.data.feature_store import open_features
 from accuvqa.data.features import index_features
+from accuvqa.data.loader import make_dataset
+from accuvqa.data.questions import encode_records
 from accuvqa.data.records import load_split
-from accuvqa.data.vocab import build_token_dict, tokenize
+from accuvqa.data.vocab import Vocab, build_token_dict, tokenize
 from accuvqa.errors import CheckpointError, DataError
 from conftest import TINY, cli_overrides, run_cli, write_vqa_layout
 
@@ -40,6 +43,7 @@ GOOD = [*BASE, "--VERSION", "good", "--CKPT_EPOCH", "1"]  # the run that is ther
 NEW = [*BASE, "--VERSION", "new"]  # a new training run
 VAL_NPZ = "feats/val2014/COCO_val2014_000000002001.jpg.npz"
 VAL_Q = "vqa/v2_OpenEnded_mscoco_val2014_questions.json"
+VOCAB = Vocab({"PAD": 0, "UNK": 1}, {"yes": 0})  # dictionaries for the in-process datasets
 
 
 class RunsCode:
@@ -134,6 +138,12 @@ def _truncate(path: Path) -> None:
     path.write_bytes(data[: len(data) // 2])
 
 
+def _prepare(w: Path) -> None:
+    """`accuvqa prepare` in the folder: its stores current."""
+    r = run_cli("prepare", *BASE, cwd=w)
+    assert r.returncode == 0, r.stderr
+
+
 def _flip(path: Path) -> None:
     data = bytearray(path.read_bytes())
     for i in range(200, len(data) - 200, 97):  # inside the stored array, not the zip directory
@@ -202,7 +212,8 @@ CASES: dict[str, Callable[[Path], tuple[list[str], str | tuple[str, ...]]]] = {
         _flip(w / VAL_NPZ), (["val", *GOOD], f"cannot read region features {VAL_NPZ}: it is corrupt")),
     "npz_missing": lambda w: _then(
         (w / VAL_NPZ).unlink(),
-        (["val", *GOOD], f"no feature file for image 2001 (question 56): expected {VAL_NPZ}")),
+        (["val", *GOOD], f"no features for image 2001 (question 56): expected {VAL_NPZ} in its folder when the "
+                         f"packed feature store was built")),
     "npz_of_another_feature_size": lambda w: _then(
         np.savez(w / VAL_NPZ, x=np.zeros((16, 5), np.float32)),
         (["val", *GOOD], f"{VAL_NPZ}: 'x' has shape (16, 5), expected (12, N) with IMG_FEAT_SIZE 12")),
@@ -231,6 +242,13 @@ CASES: dict[str, Callable[[Path], tuple[list[str], str | tuple[str, ...]]]] = {
     "feature_folder_missing": lambda w: (
         ["val", *GOOD, "--FEATURE_PATH", "nowhere"],
         "missing feature folder nowhere/val2014 (FEATURE_PATH nowhere does not exist)"),
+    # --- prepared stores (made current by `prepare` first: the copied ones were built for the other folder)
+    "packed_store_truncated": lambda w: _then(
+        _prepare(w), _truncate(w / "feats/val2014.packed/features.npy"),
+        (["val", *GOOD], ("packed feature store feats/val2014.packed", "delete it: the next command packs it again"))),
+    "question_store_damaged": lambda w: _then(
+        _prepare(w), _truncate(w / "vqa/train.qa/val.npz"),
+        (["val", *GOOD], "question arrays vqa/train.qa/val.npz cannot be read")),
     # --- config and command line
     "unknown_dataset": lambda w: (
         ["train", *NEW, "--DATASET", "coco"], "DATASET must be 'vqa' or 'easyvqa', got 'coco'"),
@@ -310,7 +328,7 @@ def test_a_truncated_feature_file_is_named_when_the_dataset_is_built(tmp_path):
     bad = features[records[-1].image_id]
     _truncate(bad)
     with pytest.raises(DataError, match=f"cannot read region features {bad}: it is truncated"):
-        VQADataset(cfg, records, {"PAD": 0, "UNK": 1}, {"yes": 0}, features)  # at start, not mid-epoch
+        make_dataset(cfg, records, VOCAB)  # at start (its folder is packed first), not mid-epoch
 
 
 def test_what_is_cut_is_one_warning_each_for_regions_and_questions(tmp_path, caplog):
@@ -318,16 +336,17 @@ def test_what_is_cut_is_one_warning_each_for_regions_and_questions(tmp_path, cap
     cfg = load_config(overrides={"DATASET_PATH": layout["DATASET_PATH"], "FEATURE_PATH": layout["FEATURE_PATH"],
                                  "IMG_FEAT_SIZE": 12, "IMG_FEAT_PAD_SIZE": 5, "MAX_TOKEN": 3})
     records = load_split(cfg.DATASET_PATH, "train", need_answers=True)
-    features = index_features(cfg.FEATURE_PATH, ["train2014"])
+    files = index_features(cfg.FEATURE_PATH, ["train2014"])
     # independent counts: every .npz read in full, every question tokenized
-    regions = [np.load(features[i])["x"].shape[1] for i in sorted({r.image_id for r in records})]
+    regions = [np.load(files[i])["x"].shape[1] for i in sorted({r.image_id for r in records})]
     lengths = [len(tokenize(r.question)) for r in records]
     over = [n for n in regions if n > 5]
     long = [n for n in lengths if n > 3]
     assert over and long and len(over) < len(regions)
+    features = open_features(cfg.FEATURE_PATH, ["train2014"], 12)
 
     with caplog.at_level(logging.WARNING):
-        VQADataset(cfg, records, {"PAD": 0, "UNK": 1}, {"yes": 0}, features)
+        VQADataset(cfg, encode_records(records, VOCAB, cfg.MAX_TOKEN), features)
     assert [r.getMessage() for r in caplog.records] == [
         f"{len(over)} of {len(regions)} train images have more than IMG_FEAT_PAD_SIZE 5 regions (up to {max(over)}); "
         f"{sum(n - 5 for n in over)} regions are dropped, as mcan-vqa does",
@@ -336,6 +355,5 @@ def test_what_is_cut_is_one_warning_each_for_regions_and_questions(tmp_path, cap
 
     caplog.clear()
     with caplog.at_level(logging.WARNING):  # nothing cut: nothing said
-        VQADataset(cfg.replace(IMG_FEAT_PAD_SIZE=100, MAX_TOKEN=14), records, {"PAD": 0, "UNK": 1}, {"yes": 0},
-                   features)
+        VQADataset(cfg.replace(IMG_FEAT_PAD_SIZE=100, MAX_TOKEN=14), encode_records(records, VOCAB, 14), features)
     assert caplog.records == []

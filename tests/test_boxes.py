@@ -1,5 +1,7 @@
 """Region boxes in the batch: only for a model whose inputs name `bbox`, equal to the files' `bbox`."""
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -30,8 +32,9 @@ def _dataset(layout, model="mmnasnet", **over):
     return make_dataset(cfg, records, build_vocab(cfg, records)), records
 
 
-def _assert_batches_hold_the_files_boxes(dataset, records, files):
-    order = np.random.default_rng(0).permutation(len(records))
+def _assert_batches_hold_the_files_boxes(dataset, records, files, rows=None):
+    """Batches over `rows` (default: every question) hold each image's `bbox` as its .npz file has it."""
+    order = np.random.default_rng(0).permutation(np.arange(len(records)) if rows is None else np.asarray(rows))
     for indices in np.array_split(order, 4):
         batch = dataset[indices]
         assert batch["bbox"].dtype == torch.float32
@@ -44,18 +47,14 @@ def _assert_batches_hold_the_files_boxes(dataset, records, files):
             assert not batch["bbox"][b, n:].any() and not batch["img_feat"][b, n:].any()  # padded alike
 
 
-def test_batches_carry_the_boxes_of_the_npz_files_the_packed_store_and_preload(layout):
+def test_batches_carry_the_boxes_of_the_npz_files_memory_mapped_and_preloaded(layout):
     files = index_features(layout["FEATURE_PATH"], ["train2014"])
-    from_files, records = _dataset(layout)
-    assert not from_files.packed_store
-    _assert_batches_hold_the_files_boxes(from_files, records, files)
+    mapped, records = _dataset(layout)  # packs the folder first
+    assert all(isinstance(s.features, np.memmap) for s in mapped.stores)
+    _assert_batches_hold_the_files_boxes(mapped, records, files)
     preloaded, _ = _dataset(layout, PRELOAD=True)
-    assert preloaded.packed_boxes is not None
+    assert all(type(s.features) is np.ndarray for s in preloaded.stores)
     _assert_batches_hold_the_files_boxes(preloaded, records, files)
-    pack_folder(layout["FEATURE_PATH"], "train2014", FEAT)
-    from_store, _ = _dataset(layout)
-    assert from_store.packed_store
-    _assert_batches_hold_the_files_boxes(from_store, records, files)
 
 
 def test_a_model_that_reads_no_boxes_gets_batches_without_them(layout):
@@ -69,19 +68,24 @@ def _strip_boxes(path):
     np.savez(path, **kept)
 
 
-def test_features_without_boxes_are_named_from_files_and_from_a_store(layout):
+def test_features_without_boxes_are_named_when_a_batch_needs_them(layout):
     files = index_features(layout["FEATURE_PATH"], ["train2014"])
     image_id = min(files)
+    with np.load(files[image_id]) as npz:
+        kept = {k: npz[k] for k in npz.files}
     _strip_boxes(files[image_id])
-    dataset, records = _dataset(layout)
+    dataset, records = _dataset(layout)  # the store holds zeros for the image's boxes
     index = [i for i, r in enumerate(records) if r.image_id == image_id][:1]
-    with pytest.raises(DataError, match=f"{files[image_id]} holds no region boxes 'bbox'"):
+    others = [i for i, r in enumerate(records) if r.image_id != image_id]
+    with pytest.raises(DataError, match=f"train2014.packed holds no boxes for image {image_id}: its .npz has no "
+                                        f"'bbox'"):
         dataset[index]
-    pack_folder(layout["FEATURE_PATH"], "train2014", FEAT)
-    from_store, _ = _dataset(layout)
-    with pytest.raises(DataError, match=f"holds no boxes for image {image_id}"):
-        from_store[index]
+    _assert_batches_hold_the_files_boxes(dataset, records, files, rows=others)
     _dataset(layout, model="mcan")[0][index]  # a model without boxes does not mind
+    # the boxes written back: the folder changed, so the next dataset packs it again and reads them
+    np.savez(files[image_id], **kept)
+    again, _ = _dataset(layout)
+    _assert_batches_hold_the_files_boxes(again, records, files)
 
 
 def test_predict_reads_the_boxes_of_a_features_file_and_of_an_easyvqa_image(layout):
@@ -91,6 +95,21 @@ def test_predict_reads_the_boxes_of_a_features_file_and_of_an_easyvqa_image(layo
             expected = npz["bbox"][:PAD]
         feats = image_region_features(cfg, path)
         assert np.array_equal(image_region_boxes(cfg, path, len(feats)), expected)
+    # a dataset image of FEATURE_PATH: read from its folder's packed store, also once its .npz is moved away
+    in_tree = cfg.replace(FEATURE_PATH=layout["FEATURE_PATH"])
+    files = index_features(layout["FEATURE_PATH"], ["val2014"])
+    expected = {}
+    for image_id, path in files.items():
+        with np.load(path) as npz:
+            expected[image_id] = npz["x"].T[:PAD], npz["bbox"][:PAD]
+    pack_folder(layout["FEATURE_PATH"], "val2014", FEAT)
+    folder = Path(layout["FEATURE_PATH"], "val2014")
+    folder.rename(folder.with_name("val2014.aside"))
+    for image_id, path in files.items():
+        assert not path.exists()
+        feats = image_region_features(in_tree, path)
+        assert np.array_equal(feats, expected[image_id][0])
+        assert np.array_equal(image_region_boxes(in_tree, path, len(feats)), expected[image_id][1])
     import easy_vqa
 
     from accuvqa.data.easyvqa import image_features, read_rgb

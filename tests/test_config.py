@@ -50,7 +50,12 @@ def test_seed_model_file_loads_verbatim_and_equals_configs_small(tmp_path):
     assert (ROOT / "configs/small.yml").read_text() == SEED_MODEL_YML
     assert cfg == load_config(ROOT / "configs/small.yml")
     assert (cfg.LAYER, cfg.HIDDEN_SIZE, cfg.MULTI_HEAD, cfg.FLAT_OUT_SIZE) == (6, 512, 8, 1024)
-    assert cfg.LR_BASE == 0.0001 and cfg.CKPT_VERSION == "small" and cfg.CKPT_EPOCH == 13
+    assert cfg.LR_BASE == 0.0001
+    # its checkpoint keys name mcan-vqa's released checkpoint: set aside, never used unless the command line says so
+    assert cfg.CKPT_VERSION is None and cfg.CKPT_EPOCH == 0
+    assert cfg.ignored == {"CKPT_VERSION": ("small", str(tmp_path / "cfg.yml")), "CKPT_EPOCH": (13, str(tmp_path / "cfg.yml"))}
+    named = load_config(write(tmp_path, SEED_MODEL_YML), overrides={"CKPT_VERSION": "small", "CKPT_EPOCH": 13})
+    assert (named.CKPT_VERSION, named.CKPT_EPOCH) == ("small", 13)
 
 
 def test_large_and_easyvqa_presets():

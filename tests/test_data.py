@@ -8,11 +8,13 @@ from PIL import Image, ImageDraw
 
 from accuvqa.config import load_config
 from accuvqa.data.easyvqa import image_features
-from accuvqa.data.vocab import (answer_targets, build_answer_dict, build_token_dict, encode_question,
-                                soft_score, tokenize)
 from accuvqa.data.dataset import VQADataset
+from accuvqa.data.feature_store import open_features
 from accuvqa.data.features import index_features, read_features
+from accuvqa.data.questions import encode_records
 from accuvqa.data.records import load_split
+from accuvqa.data.vocab import (Vocab, answer_targets, build_answer_dict, build_token_dict, encode_question,
+                                soft_score, tokenize)
 from accuvqa.errors import DataError
 
 
@@ -64,7 +66,8 @@ def test_batches_pad_cut_and_score_like_mcan_vqa(vqa_layout):
     token_to_ix = build_token_dict(r.question for r in records)
     ans_to_ix = {"black": 0, "2": 1, "yes": 2, "laptop": 3}
     features = index_features(cfg.FEATURE_PATH, ["train2014"])
-    ds = VQADataset(cfg, records, token_to_ix, ans_to_ix, features)
+    questions = encode_records(records, Vocab(token_to_ix, ans_to_ix), cfg.MAX_TOKEN)
+    ds = VQADataset(cfg, questions, open_features(cfg.FEATURE_PATH, ["train2014"], cfg.IMG_FEAT_SIZE))
     batch = ds[[0, 1, 4, 7]]
     # independent reading of the raw files: x stored (D, N), first IMG_FEAT_PAD_SIZE regions kept
     raws = [np.load(features[records[i].image_id])["x"].T[:6] for i in (0, 1, 4, 7)]

@@ -14,10 +14,12 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 from accuvqa.config import load_config
+from accuvqa.data.features import feature_file
 from accuvqa.data.loader import batch_loader, eval_batches, make_dataset
 from accuvqa.data.records import load_records
 from accuvqa.data.vocab import build_vocab
@@ -65,7 +67,7 @@ def test_memory_does_not_grow_across_epochs(easyvqa_slice, tmp_path, workers):
     overrides = {
         **TINY, "NUM_THREADS": 1,  # 1: 2 threads on 2 busy cores are several times slower
         "DATASET_PATH": easyvqa_slice["DATASET_PATH"], "FEATURE_PATH": easyvqa_slice["FEATURE_PATH"],
-        "PRELOAD": False,  # read the .npz files every batch, as a VQA v2 run does
+        "PRELOAD": False,  # the packed features memory-mapped and read every batch, as a VQA v2 run does
         "NUM_WORKERS": workers, "BATCH_SIZE": 16, "MAX_EPOCH": 5, "EVAL_EVERY_EPOCH": False,
         "CKPTS_PATH": str(tmp_path / "ck"), "RESULT_PATH": str(tmp_path / "res")}
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
@@ -85,7 +87,7 @@ def test_memory_does_not_grow_across_epochs(easyvqa_slice, tmp_path, workers):
 
 @pytest.fixture
 def layout(tmp_path):
-    """(config with NUM_WORKERS 2, dataset of 50 questions read from .npz files, 10 batches of 5)."""
+    """(config with NUM_WORKERS 2, dataset of 50 questions read from the packed store, 10 batches of 5)."""
     paths = write_vqa_layout(tmp_path, images_per_split=10)
     cfg = load_config(overrides={
         "DATASET_PATH": paths["DATASET_PATH"], "FEATURE_PATH": paths["FEATURE_PATH"], "IMG_FEAT_SIZE": 12,
@@ -173,15 +175,23 @@ def test_a_worker_that_exits_is_a_data_error_at_once(layout, workers_left):
 
 def test_a_data_error_in_a_worker_reaches_the_caller_as_itself(layout, workers_left):
     cfg, dataset, batches = layout
-    bad = dataset.paths[dataset.question_row[batches[4][0]]]
-    bad.write_bytes(b"not a zip archive")
+    # the image of batch 4 loses its region boxes; a model that reads boxes (MMNasNet) gets a DataError
+    # naming the image when that batch is read
+    image_id = dataset.image_ids[dataset.question_row[batches[4][0]]]
+    path = feature_file(cfg.FEATURE_PATH, "train2014", image_id)
+    with np.load(path) as npz:
+        kept = {k: npz[k] for k in npz.files if k != "bbox"}
+    np.savez(path, **kept)
+    boxes = cfg.replace(MODEL_USE="mmnasnet")
+    dataset = make_dataset(boxes, dataset.questions, dataset.questions.vocab)  # packs the changed folder again
     with pytest.raises(DataError) as in_process:
-        list(batch_loader(dataset, batches, cfg.replace(NUM_WORKERS=0)))
+        list(batch_loader(dataset, batches, boxes.replace(NUM_WORKERS=0)))
     with deadline(60), pytest.raises(DataError) as in_worker:
-        list(batch_loader(dataset, batches, cfg))
+        list(batch_loader(dataset, batches, boxes))
     assert type(in_worker.value) is type(in_process.value)
     assert str(in_worker.value) == str(in_process.value)  # one line, not the worker's traceback
-    assert str(bad) in str(in_worker.value) and "\n" not in str(in_worker.value)
+    assert f"train2014.packed holds no boxes for image {image_id}" in str(in_worker.value)
+    assert "\n" not in str(in_worker.value)
     assert "Traceback" in str(in_worker.value.__cause__)  # kept for ACCUVQA_DEBUG
 
 

@@ -14,8 +14,9 @@ import numpy as np
 import pytest
 
 from accuvqa import cli
+from accuvqa.data.features import read_features
 from accuvqa.errors import ConfigError
-from accuvqa.predict import predict
+from accuvqa.predict import image_region_features, predict
 from accuvqa.serve import MAX_IMAGE_PIXELS, Page, dataset_images
 from conftest import ROOT, TINY, cli_overrides
 
@@ -61,6 +62,9 @@ def test_a_dataset_image_is_answered_like_its_features(page, tiny_trained):
     assert page.images and len(page.images) == len({i.name for i in page.images})
     chosen = page.images[1]
     assert chosen.name.startswith("val image ") and chosen.features.is_file() and chosen.image_file.is_file()
+    # the page reads the image's packed store: the features of its .npz, bit for bit
+    assert np.array_equal(image_region_features(tiny_trained, chosen.features),
+                          read_features(chosen.features, tiny_trained.IMG_FEAT_SIZE, tiny_trained.IMG_FEAT_PAD_SIZE))
     reply = page.ask(None, None, chosen.name, chosen.questions[0])
     expected = predict(tiny_trained, str(chosen.features), chosen.questions[0], top_k=5)
     assert list(reply.answers) == [a for a, _ in expected]

@@ -26,9 +26,18 @@ def test_prepare_train_val_test_on_a_generated_vqa_v2_tree(tmp_path):
     assert rows["train"].startswith(f"{layout['counts']['train']} questions, {layout['counts']['train']} annotated, "
                                     f"12 images, 12 feature files")
     assert rows["test"].startswith(f"{layout['counts']['test']} questions, 12 images, 12 feature files")
+    # then the stores every other command reads, beside the data
+    assert "prepared stores" in r.stdout
+    counts = ", ".join(f"{split} {layout['counts'][split]}" for split in ("train", "val", "test"))
+    assert rows["questions"].startswith(f"{layout['DATASET_PATH']}/train.qa (") and rows["questions"].endswith(
+        f"; {counts})")
+    for folder in ("train2014", "val2014", "test2015"):
+        assert rows[folder].startswith(f"{layout['FEATURE_PATH']}/{folder}.packed (")
+        assert Path(layout["FEATURE_PATH"], f"{folder}.packed", "features.npy").is_file()
 
     r = run_cli("train", *common, "--GRAD_ACCU_STEPS", "3", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
+    assert "building" not in r.stderr  # prepare built every store train reads
     state = json.loads(Path(tmp_path, "results/gen/metrics.jsonl").read_text().splitlines()[-1])
     assert state["split"] == "val" and state["epoch"] == 2
 

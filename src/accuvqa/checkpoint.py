@@ -11,6 +11,7 @@ DistributedDataParallel wrapper (callers unwrap it).
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import logging
 import pickle
@@ -18,7 +19,7 @@ import re
 import shutil
 import zipfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator, Mapping
 
 import torch
 
@@ -57,27 +58,45 @@ def latest_checkpoint(ckpts_path: str | Path, version: str) -> Path | None:
     return checkpoint_path(ckpts_path, version, max(epochs)) if epochs else None
 
 
-def resolve_checkpoint(cfg: Config, default_epoch: int | None = None, newest: bool = False) -> Path:
-    """The checkpoint a command reads: CKPT_PATH, else run CKPT_VERSION (or VERSION) at CKPT_EPOCH.
+def resolve_checkpoint(cfg: Config, purpose: str = "checkpoint") -> Path:
+    """The checkpoint a command loads: CKPT_PATH; else epoch CKPT_EPOCH of run CKPT_VERSION (else VERSION);
+    else that run's newest checkpoint. One log line says which and why (the key that named it).
 
-    Without CKPT_EPOCH: the run's newest checkpoint when `newest` (resume), else `default_epoch`;
-    when neither applies, a ConfigError says what to give.
+    Only the command line names a checkpoint: CKPT_* keys a config file sets are ignored (`cfg.ignored`,
+    see config.CHECKPOINT_KEYS), so a preset never sends a command to another run's checkpoint.
     """
-    if cfg.CKPT_PATH:
-        return Path(cfg.CKPT_PATH)
     version = cfg.CKPT_VERSION or cfg.run_version
-    if cfg.CKPT_EPOCH > 0:
-        return checkpoint_path(cfg.CKPTS_PATH, version, cfg.CKPT_EPOCH)
-    if newest:
+    run = f"run {version!r} ({'CKPT_VERSION' if cfg.CKPT_VERSION else 'VERSION'})"
+    if cfg.CKPT_PATH:
+        path, why = Path(cfg.CKPT_PATH), "named by CKPT_PATH"
+    elif cfg.CKPT_EPOCH > 0:
+        path, why = checkpoint_path(cfg.CKPTS_PATH, version, cfg.CKPT_EPOCH), f"epoch {cfg.CKPT_EPOCH} (CKPT_EPOCH) of {run}"
+    else:
         found = latest_checkpoint(cfg.CKPTS_PATH, version)
         if found is None:
-            raise ConfigError(f"run {version!r} has no checkpoint to resume in {Path(cfg.CKPTS_PATH) / f'ckpt_{version}'}; "
-                              f"check --VERSION / --CKPTS_PATH, or start it without --RESUME")
-        return found
-    if default_epoch is None:
-        raise ConfigError("no checkpoint named: give --CKPT_EPOCH N (of run CKPT_VERSION, else VERSION) "
-                          "or --CKPT_PATH FILE")
-    return checkpoint_path(cfg.CKPTS_PATH, version, default_epoch)
+            hint = ", or start it without --RESUME" if cfg.RESUME else ", or name one with --CKPT_PATH FILE"
+            raise ConfigError(f"run {version!r} has no checkpoint in {Path(cfg.CKPTS_PATH) / f'ckpt_{version}'}; "
+                              f"check --VERSION / --CKPTS_PATH{hint}")
+        path, why = found, f"the newest checkpoint of {run}"
+    if cfg.ignored:
+        files = sorted({source for _, source in cfg.ignored.values()})
+        why += ("; " + ", ".join(f"{key} {value}" for key, (value, _) in cfg.ignored.items()) + f" in {', '.join(files)}"
+                " ignored: only the command line names another checkpoint")
+    log.info("%s: %s (%s)", purpose, path, why)
+    return path
+
+
+def last_good_checkpoint(path: Path) -> Path | None:
+    """The newest other checkpoint in `path`'s folder that loads and matches its checksum (None: none)."""
+    others = sorted((p for p in path.parent.glob("*.pkl") if p != path), key=lambda p: p.stat().st_mtime_ns,
+                    reverse=True)
+    for other in others:
+        try:
+            load_checkpoint(other)
+        except CheckpointError:
+            continue
+        return other
+    return None
 
 
 def guard_new_run(cfg: Config) -> None:
@@ -89,8 +108,33 @@ def guard_new_run(cfg: Config) -> None:
             f"overwrites them: pick another --VERSION, or continue it with --RESUME True")
 
 
+def content_checksum(state: Mapping[str, Any]) -> str:
+    """sha256 of everything a checkpoint holds but its `checksum`: every tensor's dtype, shape and bytes, every
+    other value's repr, in key order. A flipped bit anywhere in the weights or the run state changes it."""
+    digest = hashlib.sha256()
+
+    def feed(value: Any, where: str) -> None:
+        if isinstance(value, torch.Tensor):
+            data = value.detach().cpu().contiguous().reshape(-1)
+            digest.update(f"{where}:{value.dtype}:{tuple(value.shape)}\n".encode())
+            digest.update(data.view(torch.uint8).numpy().tobytes() if data.numel() else b"")
+        elif isinstance(value, Mapping):
+            for key in sorted(value, key=str):
+                if not (where == "" and key == "checksum"):
+                    feed(value[key], f"{where}/{key}")
+        elif isinstance(value, (list, tuple)):
+            for i, item in enumerate(value):
+                feed(item, f"{where}[{i}]")
+        else:
+            digest.update(f"{where}={value!r}\n".encode())
+
+    feed(state, "")
+    return digest.hexdigest()
+
+
 def save_checkpoint(path: str | Path, state: dict[str, Any]) -> Path:
-    """Write `state` atomically: a crash leaves the old file or the new one, never a torn one."""
+    """Write `state` with its checksum, atomically: a crash leaves the old file or the new one, never a torn one."""
+    state = {**state, "checksum": content_checksum(state)}
     return atomic_write(path, lambda f: torch.save(state, f))
 
 
@@ -106,11 +150,12 @@ def save_run_checkpoint(cfg: Config, path: Path, state: dict[str, Any]) -> Path:
         write_json_atomic(path.parent / LATEST, {"checkpoint": path.name, "epoch": state["epoch"],
                                                  "step": state["step"]})
     except (OSError, RuntimeError) as e:
-        # torch.save reports a full disk as RuntimeError ("unexpected pos ..."), not as OSError
+        # torch.save reports a full disk as a RuntimeError ("[enforce fail at inline_container.cc ...] unexpected
+        # pos"), the OSError it met kept as its context
         free = shutil.disk_usage(path.parent).free if path.parent.is_dir() else 0
-        full = getattr(e, "errno", None) == errno.ENOSPC or free < 2 * 2**20
-        cause = (f"no space left on device ({free / 2**20:.1f} MiB free in {path.parent})" if full
-                 else str(e).strip().splitlines()[0])
+        full = free < 2 * 2**20 or any(getattr(c, "errno", None) == errno.ENOSPC for c in _chain(e))
+        cause = (f"no space left on the device ({free / 2**20:.1f} MiB free in {path.parent}): free some space or "
+                 f"set CKPTS_PATH to another disk" if full else str(e).strip().splitlines()[0])
         raise CheckpointError(f"cannot write checkpoint {path}: {cause}; the last good checkpoint is "
                               f"{last_good if last_good else 'none (nothing was saved yet)'}") from e
     if cfg.KEEP_CKPTS > 0:
@@ -120,6 +165,15 @@ def save_run_checkpoint(cfg: Config, path: Path, state: dict[str, Any]) -> Path:
             if old != path:
                 old.unlink(missing_ok=True)
     return path
+
+
+def _chain(error: BaseException | None) -> Iterator[BaseException]:
+    """`error` and its causes and contexts."""
+    seen: set[int] = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        yield error
+        error = error.__cause__ or error.__context__
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
@@ -230,6 +284,9 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     if not isinstance(state["state_dict"], dict):
         raise CheckpointError(f"{path} is not an accuvqa/mcan-vqa checkpoint: its 'state_dict' is a "
                               f"{type(state['state_dict']).__name__}, not a mapping of weights")
+    if "checksum" in state and state["checksum"] != content_checksum(state):  # mcan-vqa's files carry none
+        raise CheckpointError(f"checkpoint {path} is corrupt: its contents do not match the checksum saved with "
+                              f"them (a bit flipped on disk or in a copy); use an earlier checkpoint of the run")
     return state
 
 
@@ -297,8 +354,8 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict[str, Any]
 
 def load_trained(cfg: Config, device: torch.device) -> tuple[torch.nn.Module, Vocab, Path, int]:
     """Model, vocabularies, path and epoch of the checkpoint that `resolve_checkpoint` names
-    (the run's last epoch, MAX_EPOCH, when no epoch is given)."""
-    path = resolve_checkpoint(cfg, default_epoch=cfg.MAX_EPOCH)
+    (the run's newest when none is named)."""
+    path = resolve_checkpoint(cfg, "checkpoint to evaluate")
     state = load_checkpoint(path)
     vocab = run_vocab(cfg, state, path)
     model = build_model(cfg, len(vocab.token_to_ix), len(vocab.ans_to_ix))

@@ -103,6 +103,8 @@ class Config:
 
     # the model's own keys: an instance of the dataclass its registration declares
     model_keys: Any = field(default=None, repr=False)
+    # checkpoint keys a config file set and that were ignored ({key: (value, file)}): see load_config
+    ignored: Mapping[str, tuple[Any, str]] = field(default_factory=dict, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.model_keys is None:
@@ -138,10 +140,14 @@ class Config:
         for key, source in getattr(self.model_keys, "DERIVED", {}).items():
             if source in changes and key not in changes:
                 values[key] = None  # derived again from the new value
-        return _build(values, {k: "replace()" for k in changes})
+        return dataclasses.replace(_build(values, {k: "replace()" for k in changes}), ignored=self.ignored)
 
 
-KEYS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(Config) if f.name != "model_keys")
+KEYS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(Config) if f.name not in ("model_keys", "ignored"))
+# the keys that name a checkpoint of another run or epoch: counted only from the command line (or a Python
+# caller's overrides), never from a config file, so a preset (mcan-vqa's small.yml says CKPT_VERSION small,
+# CKPT_EPOCH 13) never makes a command load a checkpoint the user did not name
+CHECKPOINT_KEYS = ("CKPT_VERSION", "CKPT_EPOCH", "CKPT_PATH")
 _TYPES: dict[str, Any] = {k: v for k, v in typing.get_type_hints(Config).items() if k in KEYS}
 
 
@@ -351,13 +357,19 @@ def load_config(path: str | Path | None = None, overrides: Mapping[str, Any] | N
     """Defaults, then the YAML file at `path`, then `overrides` (e.g. from the command line).
 
     Override values may be strings as typed on a command line ("4", "True", "[10, 12]"); they are
-    read as YAML scalars and converted to the key's type.
+    read as YAML scalars and converted to the key's type. CHECKPOINT_KEYS in the file are ignored
+    (kept in `cfg.ignored`, for the line that says which checkpoint a command loads and why).
     """
     values: dict[str, Any] = {}
     sources: dict[str, str] = {}
+    ignored: dict[str, tuple[Any, str]] = {}
     if path is not None:
         path = resolve_config_file(path)
         for key, value in read_yaml(path).items():
+            if str(key) in CHECKPOINT_KEYS:
+                if value not in (None, 0):
+                    ignored[str(key)] = (value, str(path))
+                continue
             values[str(key)] = value
             sources[str(key)] = str(path)
     for key, value in (overrides or {}).items():
@@ -368,7 +380,7 @@ def load_config(path: str | Path | None = None, overrides: Mapping[str, Any] | N
                 pass  # keep the raw string; the type check below reports a mismatch
         values[key] = value
         sources[key] = f"--{key}"
-    return _build(values, sources)
+    return dataclasses.replace(_build(values, sources), ignored=ignored)
 
 
 def list_presets() -> list[str]:

@@ -25,7 +25,7 @@ from accuvqa.files import append_jsonl, write_json_atomic
 from accuvqa.metrics import evaluate as vqa_evaluate
 from accuvqa.models import model_inputs
 from accuvqa.runlog import append_log, print_table, progress, run_dir
-from accuvqa.runtime import Runtime, gather, rank_failures, setup_runtime, shard, to_device
+from accuvqa.runtime import GroupStop, Runtime, gather, rank_failures, setup_runtime, shard, to_device
 
 
 @torch.no_grad()
@@ -48,6 +48,8 @@ def predict_dataset(model: torch.nn.Module, dataset: VQADataset, cfg: Config, de
         score, ix = torch.sigmoid(logits).max(dim=1)
         done.append((batch["index"].numpy(), ix.cpu().numpy(), score.cpu().numpy(), float(loss.double())))
     model.train()
+    if len(done) < len(mine):  # the loader ended early: the group's stop signal ended its workers
+        raise GroupStop(f"{desc}: stopped after {len(done)} of {len(mine)} batches")
     if rt is not None and rt.world_size > 1:
         shares = gather(done, rt)  # shares[r][i] is batch r + i * world_size
         done = [shares[b % rt.world_size][b // rt.world_size] for b in range(len(batches))]

@@ -33,7 +33,7 @@ def image_region_features(cfg: Config, image: str | Path) -> np.ndarray:
     image_path = Path(image)
     found = _in_store(cfg, image_path)
     if found is not None:
-        return found[0].read(found[1], cfg.IMG_FEAT_PAD_SIZE)
+        return np.array(found[0].read(found[1], cfg.IMG_FEAT_PAD_SIZE))  # a writable copy of the store's rows
     if not image_path.is_file():
         raise DataError(f"image {image} does not exist")
     if image_path.suffix == ".npz":

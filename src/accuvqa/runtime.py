@@ -209,18 +209,27 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
 
 
+class GroupStop(Exception):
+    """A data-loading worker died of the stop signal (SIGTERM / SIGINT) that the whole process group received,
+    while the loop waited for a batch: the loop saves where it stands and stops, as on the signal alone."""
+
+
 class StopRequest:
     """SIGTERM / SIGINT during training: the first asks the loop to stop after the current update
     (it then saves a resumable checkpoint); a second one stops at once (KeyboardInterrupt).
 
     Used as a context manager around the loop; handlers are installed only in the main thread.
+    `StopRequest.received` holds the signal while one is pending in this process (the loader reads it).
     """
+
+    received: int | None = None
 
     def __init__(self) -> None:
         self.signum: int | None = None
         self._previous: dict[int, Any] = {}
 
     def __enter__(self) -> "StopRequest":
+        StopRequest.received = None
         if threading.current_thread() is threading.main_thread():
             for signum in (signal.SIGTERM, signal.SIGINT):
                 self._previous[signum] = signal.signal(signum, self._handle)
@@ -230,11 +239,12 @@ class StopRequest:
         for signum, handler in self._previous.items():
             signal.signal(signum, handler)
         self._previous.clear()
+        StopRequest.received = None
 
     def _handle(self, signum: int, frame: Any) -> None:
         if self.signum is not None:
             raise KeyboardInterrupt  # the second signal: stop now
-        self.signum = signum
+        self.signum = StopRequest.received = signum
         log.warning("%s received: finishing the current update, then saving a checkpoint "
                     "(send it again to stop at once)", signal.Signals(signum).name)
 

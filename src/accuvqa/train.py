@@ -21,20 +21,21 @@ import torch
 
 from accuvqa.accumulate import GradientAccumulator
 from accuvqa.checkpoint import (checkpoint_path, guard_new_run, latest_checkpoint, load_checkpoint,
-                                resolve_checkpoint, save_run_checkpoint, step_checkpoint_path)
+                                last_good_checkpoint, resolve_checkpoint, save_run_checkpoint,
+                                step_checkpoint_path)
 from accuvqa.config import Config
 from accuvqa.data.loader import (batch_loader, epoch_batches, load_questions, make_dataset, run_vocab, sample_regions,
                                  validation_set)
 from accuvqa.data.vocab import Vocab
 from accuvqa.data.word_vectors import load_pretrained_embedding
-from accuvqa.errors import ConfigError, DataError, Stopped
+from accuvqa.errors import CheckpointError, ConfigError, DataError, Stopped
 from accuvqa.evaluate import evaluate_split, record_metrics
 from accuvqa.launch import without_option
 from accuvqa.models import build_model
 from accuvqa.recipe import lr_at, lr_base_at, make_loss_fn, make_optimizer
 from accuvqa.resume import Position, RunningLoss, checkpoint_state, restore_run
 from accuvqa.runlog import RunLog, append_log, print_table, progress
-from accuvqa.runtime import (Runtime, StopRequest, failure_drill, mixed_precision, rank_failures, setup_runtime,
+from accuvqa.runtime import (GroupStop, Runtime, StopRequest, failure_drill, mixed_precision, rank_failures, setup_runtime,
                              to_device, unwrap)
 
 log = logging.getLogger(__name__)
@@ -60,11 +61,16 @@ def train(cfg: Config) -> dict[str, Any]:
         guard_new_run(cfg)
     resume, resume_path = None, None
     if cfg.RESUME:
-        resume_path = resolve_checkpoint(cfg, newest=True)
-        resume = load_checkpoint(resume_path)
+        resume_path = resolve_checkpoint(cfg, "checkpoint to resume")
+        try:
+            resume = load_checkpoint(resume_path)
+        except CheckpointError as e:
+            good = last_good_checkpoint(resume_path)
+            raise CheckpointError(f"{e}; the last good checkpoint of the run is "
+                                  + (f"{good}: resume from it with --CKPT_PATH {good}" if good else "none")) from e
 
     # data
-    train_records = load_questions(cfg, cfg.TRAIN_SPLIT, need_answers=True)  # prepare's arrays, or the JSON
+    train_records = load_questions(cfg, cfg.TRAIN_SPLIT, need_answers=True)  # from the question store
     vocab = run_vocab(cfg, resume, resume_path)  # the checkpoint's dictionaries, else the question store's
     train_set = make_dataset(cfg, train_records, vocab)
     eval_set = validation_set(cfg, vocab) if cfg.EVAL_EVERY_EPOCH else None
@@ -105,7 +111,7 @@ def train(cfg: Config) -> dict[str, Any]:
                            every=cfg.LOG_EVERY_STEPS, disable=not (rt.is_main and cfg.VERBOSE))
             epoch_start = time.perf_counter()
             running = RunningLoss(pos, cfg.LOSS_REDUCTION, rt.device)
-            already = pos.batches_done  # batches of this epoch done before a mid-epoch resume
+            already = done = pos.batches_done  # batches of this epoch done before a mid-epoch resume
             for done, batch in enumerate(batch_loader(train_set, batches[already:], cfg), start=already + 1):
                 pos.step += 1
                 lr = lr_at(cfg, pos.step, epoch, updates_per_epoch)
@@ -131,6 +137,11 @@ def train(cfg: Config) -> dict[str, Any]:
                     if stopping:
                         bar.close()
                         _stop(stop, path, pos.step, epoch)
+            if done < len(batches):  # the loader ended early: the group's stop signal ended its workers (GroupStop)
+                path = _save(cfg, rt, step_checkpoint_path(cfg.CKPTS_PATH, cfg.run_version, pos.step),
+                             model, accumulator, vocab, running.at(pos, done), epoch)
+                bar.close()
+                _stop(stop, path, pos.step, epoch)
             bar.close()
 
             # checkpoint and evaluation
@@ -144,8 +155,11 @@ def train(cfg: Config) -> dict[str, Any]:
             if rt.is_main and eval_set is None:
                 record_metrics(cfg, "train", epoch + 1, pos.step, None, None, epoch_train)
             if eval_set is not None:  # every process predicts its share; the first scores and logs
-                last_eval = evaluate_split(cfg, unwrap(model), eval_set, vocab, rt.device, "val", epoch + 1, pos.step,
-                                           rt, epoch_train)
+                try:
+                    last_eval = evaluate_split(cfg, unwrap(model), eval_set, vocab, rt.device, "val", epoch + 1,
+                                               pos.step, rt, epoch_train)
+                except GroupStop:  # stopped during the evaluation: the epoch's checkpoint is saved
+                    _stop(stop, path, pos.step, epoch)
             if rt.is_main and last_eval is not None:
                 runlog.evaluation(last_eval)
                 msg += f"; val accuracy {last_eval['accuracy']:.2f}% (" + ", ".join(

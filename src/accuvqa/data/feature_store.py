@@ -23,7 +23,7 @@ from typing import Callable, Iterable, Sequence
 
 import numpy as np
 
-from accuvqa.data.build import Partial, build_progress, ensure_store, folder_state, store_home
+from accuvqa.data.build import Partial, build_progress, ensure_store, folder_state, store_home, why_stale
 from accuvqa.data.features import feature_shape, index_features, read_features
 from accuvqa.errors import DataError
 from accuvqa.files import write_json_atomic
@@ -43,6 +43,8 @@ def pack_folder(feature_path: str | Path, folder: str, feat_size: int,
                 progress: Callable[[Sequence, str], Iterable] = build_progress(False), store_path: str = "") -> Path:
     """The current packed store of one feature folder, packed first when missing or stale."""
     source = Path(feature_path) / folder
+    if not source.is_dir() and not (store_dir(feature_path, folder, store_path) / "meta.json").is_file():
+        index_features(feature_path, [folder])  # the DataError naming the folder (and FEATURE_PATH), nothing written
     return ensure_store(store_dir(feature_path, folder, store_path), {"format": FORMAT, "feat_size": feat_size},
                         lambda: {str(source.resolve()): folder_state(source)},
                         lambda partial: _pack(partial, feature_path, folder, feat_size, progress), WHAT)
@@ -167,9 +169,15 @@ def dataset_image(feature_path: str | Path, path: str | Path, feat_size: int, st
     if match is None:
         return None
     folder, image_id = match.group(1), int(match.group(2))
+    source = Path(feature_path) / folder
+    if Path(path).resolve().parent != source.resolve():  # a file of that name elsewhere: not the dataset's image
+        return None
     store = store_dir(feature_path, folder, store_path)
     if not (store / "meta.json").is_file():
         return None
+    if Path(path).is_file() and why_stale(store, {"format": FORMAT, "feat_size": feat_size},
+                                          {str(source.resolve()): folder_state(source)}) is not None:
+        return None  # the folder changed since it was packed: the file itself is read
     packed = PackedFeatures(store, feat_size)
     return (packed, image_id) if image_id in packed.row else None
 

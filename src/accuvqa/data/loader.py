@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import logging
 import re
 import signal
 import threading
@@ -25,6 +26,9 @@ from accuvqa.data.records import VG_FOLDERS, QuestionRecord, parse_splits
 from accuvqa.data.vocab import Vocab, load_answer_dict, load_token_dict
 from accuvqa.errors import AccuvqaError, CheckpointError, DataError
 from accuvqa.models import model_spec
+from accuvqa.runtime import StopRequest
+
+log = logging.getLogger(__name__)
 
 
 def load_questions(cfg: Config, split_spec: str, need_answers: bool) -> QuestionArrays:
@@ -151,9 +155,10 @@ def batch_loader(dataset: VQADataset, batches: Sequence[np.ndarray], cfg: Config
       process is at that moment, so a death never hangs the run. There is no timeout on a batch: a
       worker that is alive but slow (a slow or network disk) is waited for;
     - stopping is the main process's decision: the workers ignore SIGINT (Ctrl-C reaches the whole
-      process group); a worker killed by SIGTERM / SIGINT (a scheduler stopping the group) is
-      reported when the next batch is asked for, not during an update, so a run stopping on that
-      signal can finish its update and save.
+      process group); a worker killed by SIGTERM / SIGINT is reported when the next batch is asked
+      for, not during an update, so a run stopping on that signal can finish its update and save; when
+      this process received the signal too (a scheduler, or `timeout`, signalling the whole group), it
+      is `GroupStop`, on which the training loop saves and stops as on the signal alone.
     """
     if cfg.NUM_WORKERS == 0:
         return (dataset[b] for b in batches)
@@ -233,7 +238,9 @@ def _death(pid: Any, signal_name: str | None, code: int | None, at: str) -> Data
         how, hint = f"was killed by signal {signal_name}", _SIGNAL_HINTS.get(signal_name, "")
     else:
         how, hint = (f"exited with code {code}" if code is not None else "exited unexpectedly"), ""
-    return DataError(f"a data-loading worker (pid {pid}) {how} {at}{hint}; {WORKER_HINT}")
+    error = DataError(f"a data-loading worker (pid {pid}) {how} {at}{hint}; {WORKER_HINT}")
+    error.signal_name = signal_name  # type: ignore[attr-defined]  # GroupStop when it is the group's stop signal
+    return error
 
 
 def _torch_death(error: BaseException) -> tuple[str, str | None, int | None] | None:
@@ -263,6 +270,28 @@ def _found_dead(it: Any, at: str, seconds: float) -> DataError | None:
 
 
 def _from_workers(loader: torch.utils.data.DataLoader, n_batches: int) -> Iterator[dict]:
+    """The loader's batches; errors from its workers as project errors. A worker killed by the stop signal
+    that this process received too (SIGTERM / SIGINT to the whole process group) ends the batches early,
+    quietly: the training loop, seeing fewer batches than asked for, saves and stops (see GroupStop)."""
+    try:
+        yield from _worker_batches(loader, n_batches)
+    except DataError as e:
+        if getattr(e, "signal_name", None) in ("SIGTERM", "SIGINT") and _stop_pending(seconds=2.0):
+            log.warning("the data-loading workers were ended by the stop signal: no more batches")
+            return
+        raise
+
+
+def _stop_pending(seconds: float) -> bool:
+    """Whether this process received a stop signal, waiting up to `seconds` for its handler to run (the
+    worker's death can be noticed first)."""
+    deadline = time.monotonic() + seconds
+    while StopRequest.received is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return StopRequest.received is not None
+
+
+def _worker_batches(loader: torch.utils.data.DataLoader, n_batches: int) -> Iterator[dict]:
     """The loader's batches; errors from its workers as project errors (see `batch_loader`)."""
     done = 0
     reported = False  # a death is reported once: the other workers' exits must not report it again
@@ -293,7 +322,13 @@ def _from_workers(loader: torch.utils.data.DataLoader, n_batches: int) -> Iterat
             reported = True
             raise _death(*death, where()) from None
 
-    it = iter(loader)  # starts the workers; torch sets its SIGCHLD handler (once per process)
+    try:
+        it = iter(loader)  # starts the workers; torch sets its SIGCHLD handler (once per process)
+    except RuntimeError as e:  # a worker died while they started
+        death = _torch_death(e)
+        if death is None:
+            raise
+        raise _death(*death, where()) from None
     torch_handler = signal.getsignal(signal.SIGCHLD) if hasattr(signal, "SIGCHLD") else None
     ours = callable(torch_handler) and threading.current_thread() is threading.main_thread()
     if ours:

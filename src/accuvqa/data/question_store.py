@@ -19,6 +19,8 @@ from __future__ import annotations
 import json
 import logging
 import os
+import zipfile
+import zlib
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
@@ -59,6 +61,7 @@ log = logging.getLogger(__name__)
 FORMAT = 2
 ALL_SPLITS = ("train", "val", "test", "vg")
 WHAT = "question store"
+_UNREADABLE = (OSError, ValueError, KeyError, TypeError, EOFError, zipfile.BadZipFile, zlib.error)
 
 
 def store_dir(cfg: Config) -> Path:
@@ -69,7 +72,8 @@ def store_dir(cfg: Config) -> Path:
 def store_splits(cfg: Config) -> list[str]:
     """The splits a run of this TRAIN_SPLIT reads: its parts, then val and test when their question files exist."""
     splits = parse_splits(cfg.TRAIN_SPLIT)
-    return splits + [s for s in ("val", "test") if s not in splits and question_file(cfg.DATASET_PATH, s).is_file()]
+    splits += [s for s in ("val", "test") if s not in splits]
+    return [s for s in splits if question_file(cfg.DATASET_PATH, s).is_file()]
 
 
 def _plan(cfg: Config) -> dict[str, Any]:
@@ -100,7 +104,8 @@ def question_store(cfg: Config, progress: Callable[[Sequence, str], Iterable] | 
         prepare_easyvqa(cfg, progress=progress)
     elif why_stale(store_dir(cfg), plan, _sources(cfg)) is not None:
         for split in parse_splits(cfg.TRAIN_SPLIT):  # a wrong DATASET_PATH is named before any "building" line
-            if not question_file(cfg.DATASET_PATH, split).is_file():
+            if not question_file(cfg.DATASET_PATH, split).is_file() and (
+                    not cfg.ANSWER_DICT_PATH or not store_splits(cfg)):
                 load_split(cfg.DATASET_PATH, split, need_answers=False)  # raises the DataError naming the file
     path = ensure_store(store_dir(cfg), plan, lambda: _sources(cfg), build, WHAT)
     return QuestionStore(path)
@@ -109,7 +114,9 @@ def question_store(cfg: Config, progress: Callable[[Sequence, str], Iterable] | 
 def _build(cfg: Config, partial: Partial, progress: Callable[[Sequence, str], Iterable]) -> Path:
     """Read the JSON once; write the dictionaries, then each split's arrays (kept when resumed)."""
     splits = store_splits(cfg)
-    records = {s: load_split(cfg.DATASET_PATH, s, need_answers=s != "test") for s in progress(splits, "read json")}
+    answers_from = [] if cfg.ANSWER_DICT_PATH else parse_splits(cfg.TRAIN_SPLIT)  # the answer dictionary's splits
+    records = {s: load_split(cfg.DATASET_PATH, s, need_answers=s in answers_from)
+               for s in progress(splits, "read json")}
     vocab_file = partial.path / "vocab.json"
     if partial.resumed and vocab_file.is_file():
         vocab = Vocab(*json.loads(vocab_file.read_text()))
@@ -118,7 +125,8 @@ def _build(cfg: Config, partial: Partial, progress: Callable[[Sequence, str], It
             r.question for s in ALL_SPLITS if question_file(cfg.DATASET_PATH, s).is_file()
             for r in (records[s] if s in records else load_split(cfg.DATASET_PATH, s, need_answers=False,
                                                                  allow_empty=True))]
-        train = [r for s in parse_splits(cfg.TRAIN_SPLIT) for r in records[s]]
+        train = [r for s in answers_from  # a missing part is named by load_split
+                 for r in (records[s] if s in records else load_split(cfg.DATASET_PATH, s, need_answers=True))]
         vocab = build_vocab(cfg, train, questions=questions)  # a DataError (no answer kept) before any split
         write_json_atomic(vocab_file, [vocab.token_to_ix, vocab.ans_to_ix])
     for split in progress(splits, "encode questions"):
@@ -173,8 +181,13 @@ class QuestionStore:
         """Whether the store holds `split` with every question annotated."""
         if split not in self.splits:
             return False
-        with np.load(self.path / f"{split}.npz") as z:
-            return bool(len(z["annotated"])) and bool(z["annotated"].all())
+        path = self.path / f"{split}.npz"
+        try:
+            with np.load(path) as z:
+                return bool(len(z["annotated"])) and bool(z["annotated"].all())
+        except _UNREADABLE as e:
+            raise DataError(f"question arrays {path} cannot be read ({e}); delete {self.path}: the next command "
+                            f"builds it again") from e
 
     def questions(self, split_spec: str, need_answers: bool) -> QuestionArrays:
         """The arrays of the splits in `split_spec`; DataError for a split it does not hold (its JSON is missing)."""
@@ -186,7 +199,7 @@ class QuestionStore:
             path = self.path / f"{split}.npz"
             try:
                 part = read_split(path, vocab, split)
-            except (OSError, ValueError, KeyError, TypeError) as e:
+            except _UNREADABLE as e:
                 raise DataError(f"question arrays {path} cannot be read ({e}); delete {self.path}: the next command "
                                 f"builds it again") from e
             if need_answers and not part.annotated.all():
