@@ -19,10 +19,14 @@ from accuvqa.data.loader import epoch_batches, load_questions, make_dataset
 from accuvqa.errors import ConfigError
 from accuvqa.models import build_model
 from accuvqa.recipe import make_loss_fn
-from accuvqa.runtime import setup_runtime, to_device
+from accuvqa.runtime import mixed_precision, setup_runtime, to_device
 
 TOLERANCE = 1e-4  # relative difference above which float32 accumulation is called non-equivalent
 TOLERANCE_FLOAT64 = 1e-10  # the same in float64, where a model's float32 rounding exceeds TOLERANCE
+# under AMP each micro-batch's products are rounded to the 16-bit format before the float32 gradients add up, where
+# one batch rounds once: the difference is a few units of the format's relative rounding (bf16 2^-8, fp16 2^-11);
+# four units are allowed
+TOLERANCE_AMP = {"bf16": 4 * 2**-8, "fp16": 4 * 2**-11}
 
 
 class _GradientCapture(torch.optim.Optimizer):
@@ -72,9 +76,9 @@ def peak_rss_mib() -> float:
 
 
 def _gradient(model: nn.Module, batch: Batch, loss_fn: LossFn, k: int, reduction: str,
-              repeats: int) -> tuple[list[torch.Tensor | None], float, float | None]:
+              repeats: int, amp: dict[str, Any]) -> tuple[list[torch.Tensor | None], float, float | None]:
     capture = _GradientCapture([p for p in model.parameters() if p.requires_grad])
-    acc = GradientAccumulator(model, capture, micro_batches=k, reduction=reduction)
+    acc = GradientAccumulator(model, capture, micro_batches=k, reduction=reduction, **amp)
     cuda = next(model.parameters()).device.type == "cuda"
     if cuda:
         torch.cuda.synchronize()
@@ -93,14 +97,16 @@ def _gradient(model: nn.Module, batch: Batch, loss_fn: LossFn, k: int, reduction
 
 
 def check_equivalence(model: nn.Module, batch: Batch, loss_fn: LossFn, counts: Sequence[int],
-                      reduction: str = "sum", repeats: int = 2) -> list[CheckRow]:
-    """Gradient for each micro-batch count in `counts` compared with the one-batch gradient."""
+                      reduction: str = "sum", repeats: int = 2, amp: dict[str, Any] | None = None) -> list[CheckRow]:
+    """Gradient for each micro-batch count in `counts` compared with the one-batch gradient (under
+    `amp`, GradientAccumulator's autocast / scaler arguments, as training runs them)."""
     n = batch_size(batch)
-    reference, ref_time, ref_peak = _gradient(model, batch, loss_fn, 1, reduction, repeats)
+    amp = amp or {}
+    reference, ref_time, ref_peak = _gradient(model, batch, loss_fn, 1, reduction, repeats, amp)
     scale = max((float(g.abs().max()) for g in reference if g is not None), default=0.0) or 1.0
     rows = [CheckRow(1, str(n), 0.0, 0.0, ref_peak, ref_time)]
     for k in sorted({min(c, n) for c in counts if c > 1}):
-        grads, seconds, peak = _gradient(model, batch, loss_fn, k, reduction, repeats)
+        grads, seconds, peak = _gradient(model, batch, loss_fn, k, reduction, repeats, amp)
         diff = max((float((g - r).abs().max()) for g, r in zip(grads, reference)
                     if g is not None and r is not None), default=0.0)
         sizes = sorted({batch_size(piece) for piece in split_batch(batch, k)})
@@ -146,7 +152,8 @@ def run_check(cfg: Config, dtype: torch.dtype = torch.float32) -> tuple[list[Che
     model = build_model(cfg, len(vocab.token_to_ix), len(vocab.ans_to_ix)).to(rt.device, dtype)
     risks = equivalence_risks(model)
     counts = [2, 4, 8] + ([cfg.GRAD_ACCU_STEPS] if isinstance(cfg.GRAD_ACCU_STEPS, int) else [])
-    rows = check_equivalence(dropout_off(model), batch, make_loss_fn(cfg), counts, cfg.LOSS_REDUCTION)
+    amp = mixed_precision(cfg, rt.device) if dtype == torch.float32 else {}  # float64 judges the model, not AMP
+    rows = check_equivalence(dropout_off(model), batch, make_loss_fn(cfg), counts, cfg.LOSS_REDUCTION, amp=amp)
     return rows, risks
 
 
@@ -165,8 +172,9 @@ def format_table(rows: Sequence[CheckRow]) -> str:
 def main(cfg: Config, args: argparse.Namespace) -> int:
     """`accuvqa check`: print the table and a verdict; exit 1 when not equivalent."""
     rows, risks = run_check(cfg)
+    precision = "float32" if cfg.AMP == "off" else f"{cfg.AMP} autocast (AMP {cfg.AMP}, float32 weights and gradients)"
     print(f"gradient of one batch of {cfg.BATCH_SIZE} ({cfg.LOSS_REDUCTION} loss, dropout off) "
-          f"vs the same batch in micro-batches, float32:")
+          f"vs the same batch in micro-batches, {precision}:")
     print(format_table(rows))
     cuda = cfg.DEVICE.startswith("cuda") or (cfg.DEVICE == "auto" and torch.cuda.is_available())
     print("peak MiB: " + ("torch.cuda.max_memory_allocated" if cuda else "peak RSS of the process (VmHWM, reset before each row where Linux allows; else "
@@ -174,6 +182,15 @@ def main(cfg: Config, args: argparse.Namespace) -> int:
     for risk in risks:
         print(f"note: {risk}")
     worst = max(r.rel_diff for r in rows)
+    if cfg.AMP != "off":  # what an AMP run computes, judged by its format's rounding
+        tolerance = TOLERANCE_AMP[cfg.AMP]
+        if worst > tolerance:
+            print(f"verdict: NOT equivalent under AMP {cfg.AMP}: relative difference {worst:.2e} > {tolerance:.1e} "
+                  f"(four units of {cfg.AMP}'s rounding)")
+            return 1
+        print(f"verdict: equivalent under AMP {cfg.AMP}: every relative difference <= {worst:.2e} (tolerance "
+              f"{tolerance:.1e}: four units of {cfg.AMP}'s rounding)")
+        return 0
     if worst > TOLERANCE:
         # a model whose float32 gradient is itself that sensitive to rounding (MFB's signed square
         # root near 0) is judged in float64, where rounding no longer hides what accumulation does

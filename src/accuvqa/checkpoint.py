@@ -70,7 +70,8 @@ def resolve_checkpoint(cfg: Config, purpose: str = "checkpoint") -> Path:
     if cfg.CKPT_PATH:
         path, why = Path(cfg.CKPT_PATH), "named by CKPT_PATH"
     elif cfg.CKPT_EPOCH > 0:
-        path, why = checkpoint_path(cfg.CKPTS_PATH, version, cfg.CKPT_EPOCH), f"epoch {cfg.CKPT_EPOCH} (CKPT_EPOCH) of {run}"
+        path = checkpoint_path(cfg.CKPTS_PATH, version, cfg.CKPT_EPOCH)
+        why = f"epoch {cfg.CKPT_EPOCH} (CKPT_EPOCH) of {run}"
     else:
         found = latest_checkpoint(cfg.CKPTS_PATH, version)
         if found is None:
@@ -80,8 +81,8 @@ def resolve_checkpoint(cfg: Config, purpose: str = "checkpoint") -> Path:
         path, why = found, f"the newest checkpoint of {run}"
     if cfg.ignored:
         files = sorted({source for _, source in cfg.ignored.values()})
-        why += ("; " + ", ".join(f"{key} {value}" for key, (value, _) in cfg.ignored.items()) + f" in {', '.join(files)}"
-                " ignored: only the command line names another checkpoint")
+        keys = ", ".join(f"{key} {value}" for key, (value, _) in cfg.ignored.items())
+        why += f"; {keys} in {', '.join(files)} ignored: only the command line names another checkpoint"
     log.info("%s: %s (%s)", purpose, path, why)
     return path
 

@@ -13,6 +13,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
+from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Sequence, TypeVar
 
 import numpy as np
@@ -25,7 +26,8 @@ from accuvqa.files import write_json_atomic
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
-FAIL_AT = "ACCUVQA_FAIL_AT"  # a rehearsed failure of one process: RANK:UPDATE[:kill] (see failure_drill)
+FAIL_AT = "ACCUVQA_FAIL_AT"  # a rehearsed failure of one process: RANK:UPDATE[:kill|term|term-group] (failure_drill)
+_DRILLS = ("raise", "kill", "term", "term-group")
 
 
 @dataclass
@@ -117,20 +119,25 @@ def _failure_drill_of(rank: int) -> tuple[int, str] | None:
         return None
     parts = spec.split(":")
     how = parts[2] if len(parts) == 3 else "raise"
-    if len(parts) not in (2, 3) or not all(p.isdigit() for p in parts[:2]) or how not in ("raise", "kill"):
-        raise ConfigError(f"{FAIL_AT}={spec!r}: expected RANK:UPDATE or RANK:UPDATE:kill, e.g. 1:5 "
-                          f"(process 1 raises an error at update 5); unset it to train normally")
+    if len(parts) not in (2, 3) or not all(p.isdigit() for p in parts[:2]) or how not in _DRILLS:
+        raise ConfigError(f"{FAIL_AT}={spec!r}: expected RANK:UPDATE or RANK:UPDATE:kill (or :term, :term-group), "
+                          f"e.g. 1:5 (process 1 raises an error at update 5); unset it to train normally")
     return (int(parts[1]), how) if int(parts[0]) == rank else None
 
 
 def failure_drill(rt: Runtime, step: int) -> None:
-    """Fail as ACCUVQA_FAIL_AT asks, at update `step`: raise a RuntimeError, or kill this process
-    (SIGKILL, as the out-of-memory killer does). A rehearsal: does the job end, and does its last
-    checkpoint resume? (docs/distributed.md)"""
+    """Fail as ACCUVQA_FAIL_AT asks, at update `step` (before it runs): raise a RuntimeError, kill this process
+    (SIGKILL, as the out-of-memory killer does), or send SIGTERM to it (`term`) or to its whole process group,
+    loader workers included (`term-group`, as SLURM and `timeout` do). A rehearsal: does the job end (or stop
+    cleanly), and does its last checkpoint resume? (docs/distributed.md)"""
     if rt.fail_at is None or rt.fail_at[0] != step:
         return
-    if rt.fail_at[1] == "kill":
+    how = rt.fail_at[1]
+    if how == "kill":
         os.kill(os.getpid(), signal.SIGKILL)
+    if how in ("term", "term-group"):
+        (os.kill(os.getpid(), signal.SIGTERM) if how == "term" else os.killpg(os.getpgid(0), signal.SIGTERM))
+        return
     raise RuntimeError(f"failure drill ({FAIL_AT}): rank {rt.rank} fails at update {step}")
 
 
@@ -197,6 +204,16 @@ def mixed_precision(cfg: Config, device: torch.device) -> dict[str, Any]:
             raise ConfigError("AMP fp16 needs a CUDA device (gradient scaling); on CPU use AMP bf16 or off")
         return {"autocast_dtype": torch.float16, "scaler": torch.amp.GradScaler("cuda")}
     return {"autocast_dtype": torch.bfloat16}
+
+
+def native_bf16_flags(cpuinfo: str = "/proc/cpuinfo") -> list[str]:
+    """The CPU's bf16 instruction sets (avx512_bf16, amx_bf16) named in `cpuinfo`; [] when none or unknown."""
+    try:
+        flags = next((line.split(":", 1)[1].split() for line in Path(cpuinfo).read_text().splitlines()
+                      if line.startswith("flags")), [])
+    except OSError:
+        return []
+    return [f for f in ("avx512_bf16", "amx_bf16") if f in flags]
 
 
 def to_device(batch: Mapping[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:

@@ -35,8 +35,8 @@ from accuvqa.models import build_model
 from accuvqa.recipe import lr_at, lr_base_at, make_loss_fn, make_optimizer
 from accuvqa.resume import Position, RunningLoss, checkpoint_state, restore_run
 from accuvqa.runlog import RunLog, append_log, print_table, progress
-from accuvqa.runtime import (GroupStop, Runtime, StopRequest, failure_drill, mixed_precision, rank_failures, setup_runtime,
-                             to_device, unwrap)
+from accuvqa.runtime import (GroupStop, Runtime, StopRequest, failure_drill, mixed_precision, native_bf16_flags,
+                             rank_failures, setup_runtime, to_device, unwrap)
 
 log = logging.getLogger(__name__)
 
@@ -105,6 +105,9 @@ def train(cfg: Config) -> dict[str, Any]:
                      "processes); %s, %.2fM parameters; device %s", len(train_set), len(train_set.image_ids), n_batches,
                      effective_batch_text(cfg.BATCH_SIZE, accumulator.micro_batches, rt.world_size), cfg.MODEL_USE,
                      sum(p.numel() for p in model.parameters()) / 1e6, rt.device)
+            if rt.device.type == "cpu" and cfg.AMP == "off" and native_bf16_flags():  # a hint, never a switch
+                log.info("this CPU computes bf16 natively (%s): --AMP bf16 may train faster; it changes the numerics "
+                         "(docs/hardware.md)", ", ".join(native_bf16_flags()))
         for epoch in range(pos.epoch, cfg.MAX_EPOCH):
             batches = epoch_batches(len(train_set), cfg, epoch, rt, regions)
             bar = progress(total=len(batches), initial=pos.batches_done, desc=f"epoch {epoch + 1}/{cfg.MAX_EPOCH}",
@@ -137,7 +140,7 @@ def train(cfg: Config) -> dict[str, Any]:
                     if stopping:
                         bar.close()
                         _stop(stop, path, pos.step, epoch)
-            if done < len(batches):  # the loader ended early: the group's stop signal ended its workers (GroupStop)
+            if done < len(batches):  # the loader ended early: the group's stop signal ended its workers
                 path = _save(cfg, rt, step_checkpoint_path(cfg.CKPTS_PATH, cfg.run_version, pos.step),
                              model, accumulator, vocab, running.at(pos, done), epoch)
                 bar.close()
