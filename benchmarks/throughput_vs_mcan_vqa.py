@@ -1,7 +1,8 @@
 """Samples/s of a whole `accuvqa train` run against the original mcan-vqa network's training step.
 
     .venv/bin/python benchmarks/throughput_vs_mcan_vqa.py --mcan-vqa /path/to/mcan-vqa --tree /tmp/perf/tree \
-        [--batch-size 16] [--repeats 2] [--orig-steps 12] [--variant NAME "--KEY VALUE ..."]...
+        [--batch-size 16] [--repeats 2] [--orig-steps 12] [--variant NAME "--KEY VALUE ..."]... \
+        [--device cpu|cuda] [--overrides "--KEY VALUE ..."]
 
 --mcan-vqa is a checkout of github.com/MILVLG/mcan-vqa (its `core/model/net.py` is imported from
 there, never copied); --tree is the --out of `benchmarks/make_vqa_tree.py`, prepared (`accuvqa
@@ -22,6 +23,12 @@ prepare`, so the packed store exists).
 
 The runs alternate (a variants..., b, a variants..., b, ...) `--repeats` times; the script prints
 each run, the medians, and the ratios a / b.
+
+--device (default cpu) is where both run: (a) gets `--DEVICE` with it, (b) moves its `Net` there, and on
+a GPU each timed step also copies its batch to the device (as `core/exec.py` does in its loop) and
+ends with `torch.cuda.synchronize()`. --overrides are config overrides given to every (a) run and
+to the config (b) takes its sizes from (e.g. a tiny model for a quick check: benchmarks/gpu_check.py
+--short). (a) runs `.venv/bin/accuvqa` when there is one, else `python -m accuvqa` with src/ on the path.
 """
 
 from __future__ import annotations
@@ -47,17 +54,37 @@ def tree_overrides(tree: Path) -> list[str]:
             "--TOKEN_DICT_PATH", str(tree / "token_dict.json"), "--ANSWER_DICT_PATH", str(tree / "answer_dict.json")]
 
 
-def run_accuvqa(tree: Path, batch_size: int, threads: int, extra: list[str], work: Path, tag: str) -> dict:
-    """One whole `accuvqa train` run in a fresh process: wall time, updates, samples/s."""
+def accuvqa_command() -> list[str]:
+    """How to start accuvqa: the virtual environment's script, else this Python with src/ on the path
+    (a machine with torch but no .venv, e.g. a lent GPU machine; see `accuvqa_env`)."""
+    script = ROOT / ".venv/bin/accuvqa"
+    return [str(script)] if script.is_file() else [sys.executable, "-m", "accuvqa"]
+
+
+def accuvqa_env(settings: dict[str, str] | None = None) -> dict[str, str]:
+    """This process's environment with src/ first on PYTHONPATH, plus `settings`."""
+    path = os.pathsep.join(p for p in (str(ROOT / "src"), os.environ.get("PYTHONPATH", "")) if p)
+    return dict(os.environ, PYTHONPATH=path, **(settings or {}))
+
+
+def train_command(tree: Path, batch_size: int, threads: int, extra: list[str], work: Path,
+                  tag: str) -> tuple[list[str], dict[str, str]]:
+    """The command line of one whole `accuvqa train` run of (a), and the environment settings among `extra`."""
     env_settings = [e for e in extra if re.match(r"^[A-Z_][A-Z0-9_]*=", e)]
     extra = [e for e in extra if e not in env_settings]
-    cmd = [str(ROOT / ".venv/bin/accuvqa"), "train", "--config", str(ROOT / "configs/small.yml"),
+    cmd = [*accuvqa_command(), "train", "--config", str(ROOT / "configs/small.yml"),
            *tree_overrides(tree), "--BATCH_SIZE", str(batch_size), "--MAX_EPOCH", "1", "--EVAL_EVERY_EPOCH", "False",
            "--VERBOSE", "False", "--NUM_THREADS", str(threads), "--VERSION", tag,
            "--CKPTS_PATH", str(work / "ckpts"), "--RESULT_PATH", str(work / "results"), *extra]
-    env = dict(os.environ, **dict(e.split("=", 1) for e in env_settings))
+    return cmd, dict(e.split("=", 1) for e in env_settings)
+
+
+def run_accuvqa(tree: Path, batch_size: int, threads: int, extra: list[str], work: Path, tag: str,
+                timeout: float | None = None) -> dict:
+    """One whole `accuvqa train` run in a fresh process: wall time, updates, samples/s."""
+    cmd, settings = train_command(tree, batch_size, threads, extra, work, tag)
     start = time.perf_counter()
-    done = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    done = subprocess.run(cmd, capture_output=True, text=True, env=accuvqa_env(settings), timeout=timeout)
     wall = time.perf_counter() - start
     if done.returncode != 0:
         sys.exit(f"accuvqa train failed ({done.returncode}):\n{done.stderr[-3000:]}")
@@ -82,6 +109,32 @@ def mcan_vqa_net(cfg, token_size: int, answer_size: int, checkout: Path):
     return Net(orig_cfg, None, token_size, answer_size).train()
 
 
+def overrides_dict(overrides: str) -> dict[str, str]:
+    """"--KEY VALUE ..." -> {KEY: VALUE}."""
+    words = overrides.split()
+    if len(words) % 2 or not all(w.startswith("--") for w in words[::2]):
+        sys.exit(f"--overrides {overrides!r}: expected pairs of --KEY VALUE")
+    return {k[2:]: v for k, v in zip(words[::2], words[1::2])}
+
+
+def original_command(checkout: Path, tree: Path, batch_size: int, threads: int, orig_steps: int,
+                     device: str = "cpu", overrides: str = "") -> list[str]:
+    """The command line of one process timing mcan-vqa's step (b)."""
+    return [sys.executable, str(Path(__file__).resolve()), "--child", "--mcan-vqa", str(checkout), "--tree", str(tree),
+            "--batch-size", str(batch_size), "--threads", str(threads), "--orig-steps", str(orig_steps),
+            "--device", device, *([f"--overrides={overrides}"] if overrides else [])]
+
+
+def run_original_process(checkout: Path, tree: Path, batch_size: int, threads: int, orig_steps: int,
+                         device: str = "cpu", overrides: str = "", timeout: float | None = None) -> dict:
+    """(b) in a fresh process: median, min and max step time, samples/s."""
+    child = subprocess.run(original_command(checkout, tree, batch_size, threads, orig_steps, device, overrides),
+                           capture_output=True, text=True, env=accuvqa_env(), timeout=timeout)
+    if child.returncode != 0:
+        sys.exit(f"mcan-vqa step failed:\n{child.stderr[-3000:]}")
+    return json.loads(child.stdout.strip().splitlines()[-1])
+
+
 def run_original(args: argparse.Namespace) -> dict:
     """One process timing mcan-vqa's training step (called with --child)."""
     import numpy as np
@@ -96,12 +149,14 @@ def run_original(args: argparse.Namespace) -> dict:
     torch.set_num_threads(args.threads)
     pairs = tree_overrides(args.tree)
     cfg = load_config(ROOT / "configs/small.yml", {k.lstrip("-"): v for k, v in zip(pairs[::2], pairs[1::2])}
-                      | {"BATCH_SIZE": args.batch_size, "BUCKET_WINDOW": 0})
+                      | overrides_dict(args.overrides) | {"BATCH_SIZE": args.batch_size, "BUCKET_WINDOW": 0})
+    device = torch.device(args.device)
+    cuda = device.type == "cuda"
     records = load_records(cfg, "train", need_answers=True)
     vocab = build_vocab(cfg, records)
     dataset = make_dataset(cfg, records, vocab)
     batches = epoch_batches(len(dataset), cfg, 0, Runtime(torch.device("cpu")))
-    net = mcan_vqa_net(cfg, len(vocab.token_to_ix), len(vocab.ans_to_ix), args.mcan_vqa)
+    net = mcan_vqa_net(cfg, len(vocab.token_to_ix), len(vocab.ans_to_ix), args.mcan_vqa).to(device)
     optim = torch.optim.Adam(net.parameters(), lr=cfg.LR_BASE, betas=cfg.OPT_BETAS, eps=cfg.OPT_EPS)
     loss_fn = torch.nn.BCELoss(reduction="sum")
     named_params = list(net.named_parameters())
@@ -117,12 +172,16 @@ def run_original(args: argparse.Namespace) -> dict:
     for i in range(args.orig_steps + 1):  # the first step is a warm-up
         img, ques, target = padded(dataset[batches[i % len(batches)]])
         start = time.perf_counter()
+        if cuda:  # core/exec.py copies each batch to the GPU in its loop
+            img, ques, target = img.to(device), ques.to(device), target.to(device)
         optim.zero_grad()
         loss = loss_fn(net(img, ques), target)
         loss.backward()
         float(loss.cpu().data.numpy())
         [np.asarray(torch.norm(p.grad).cpu().data.numpy()) for _, p in named_params if p.grad is not None]
         optim.step()
+        if cuda:
+            torch.cuda.synchronize(device)
         seconds.append(time.perf_counter() - start)
     step = statistics.median(seconds[1:])
     return {"median_step_s": step, "min_step_s": min(seconds[1:]), "max_step_s": max(seconds[1:]),
@@ -139,6 +198,9 @@ def main() -> None:
     parser.add_argument("--orig-steps", type=int, default=12, help="timed mcan-vqa steps per run")
     parser.add_argument("--variant", nargs=2, action="append", metavar=("NAME", "OVERRIDES"), default=[],
                         help="another accuvqa run with these overrides")
+    parser.add_argument("--device", default="cpu", help="where both run: cpu (default), cuda or cuda:N")
+    parser.add_argument("--overrides", default="", metavar='"--KEY VALUE ..."',
+                        help="config overrides for every accuvqa run and for mcan-vqa's sizes")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -147,22 +209,20 @@ def main() -> None:
     if not (args.mcan_vqa / "core/model/net.py").is_file():
         sys.exit(f"{args.mcan_vqa}: no core/model/net.py (clone github.com/MILVLG/mcan-vqa there)")
     variants = [("preset", "")] + [tuple(v) for v in args.variant]
-    print(f"load average at start: {os.getloadavg()[0]:.2f}; batch {args.batch_size}, {args.threads} threads")
+    print(f"load average at start: {os.getloadavg()[0]:.2f}; batch {args.batch_size}, {args.threads} threads, "
+          f"device {args.device}")
     results: dict[str, list[dict]] = {name: [] for name, _ in variants} | {"mcan-vqa": []}
     with tempfile.TemporaryDirectory() as tmp:
         for r in range(args.repeats):
             for name, extra in variants:
-                res = run_accuvqa(args.tree, args.batch_size, args.threads, extra.split(), Path(tmp), f"{name}{r}")
+                res = run_accuvqa(args.tree, args.batch_size, args.threads,
+                                  ["--DEVICE", args.device, *args.overrides.split(), *extra.split()], Path(tmp),
+                                  f"{name}{r}")
                 results[name].append(res)
                 print(f"run {r + 1} accuvqa {name:>10}: {res['updates']} updates, {res['wall_s']:.1f} s, "
                       f"{res['samples_s']:.2f} samples/s (in-loop {res['in_loop_samples_s']:.0f})", flush=True)
-            child = subprocess.run([sys.executable, __file__, "--child", "--mcan-vqa", str(args.mcan_vqa), "--tree",
-                                    str(args.tree), "--batch-size", str(args.batch_size), "--threads",
-                                    str(args.threads), "--orig-steps", str(args.orig_steps)],
-                                   capture_output=True, text=True)
-            if child.returncode != 0:
-                sys.exit(f"mcan-vqa step failed:\n{child.stderr[-3000:]}")
-            res = json.loads(child.stdout.strip().splitlines()[-1])
+            res = run_original_process(args.mcan_vqa, args.tree, args.batch_size, args.threads, args.orig_steps,
+                                       args.device, args.overrides)
             results["mcan-vqa"].append(res)
             print(f"run {r + 1} mcan-vqa step      : {res['median_step_s']:.3f} s/step "
                   f"({res['min_step_s']:.3f}-{res['max_step_s']:.3f}), {res['samples_s']:.2f} samples/s", flush=True)

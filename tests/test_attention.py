@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 
 import numpy as np
@@ -11,8 +12,9 @@ import torch
 from PIL import Image
 from torch import nn
 
+from accuvqa import attention as attention_module
 from accuvqa import predict as predict_module
-from accuvqa.attention import DPI, LAYER_ROW_HEIGHT, SUMMARY_SIZE, picture_and_boxes, region_heat
+from accuvqa.attention import DPI, LAYER_ROW_HEIGHT, SUMMARY_SIZE, draw_attention, picture_and_boxes, region_heat
 from accuvqa.check import dropout_off
 from accuvqa.config import load_config
 from accuvqa.data.easyvqa import image_features, read_rgb
@@ -24,20 +26,23 @@ from conftest import ROOT, run_cli
 
 TOKEN_SIZE, ANSWER_SIZE = 30, 11
 QUESTIONS = ["What color is the shape?", "Is there a blue circle in the image?"]
+# The kept maps are compared in float64 (tiny_mcan, padded_inputs), where the explicit attention and SDPA differ
+# by summation order only: measured 4e-16 (outputs) and 2e-16 (gradients, maps) at most (AMD EPYC, torch 2.13).
+EXACT = 1e-12
 
 
 def tiny_mcan() -> nn.Module:
-    """A tiny MCAN with two layers and two glimpses, eval mode."""
+    """A tiny MCAN with two layers and two glimpses, eval mode, float64."""
     cfg = load_config(overrides={"LAYER": 2, "HIDDEN_SIZE": 16, "MULTI_HEAD": 4, "FF_SIZE": 32, "FLAT_MLP_SIZE": 16,
                                  "FLAT_GLIMPSES": 2, "FLAT_OUT_SIZE": 24, "IMG_FEAT_SIZE": 10, "WORD_EMBED_SIZE": 8})
     torch.manual_seed(0)
-    return build_model(cfg, TOKEN_SIZE, ANSWER_SIZE).eval()
+    return build_model(cfg, TOKEN_SIZE, ANSWER_SIZE).eval().double()
 
 
 def padded_inputs() -> tuple[torch.Tensor, torch.Tensor]:
-    """Two samples, the second with 2 padded regions and 2 PAD tokens."""
+    """Two samples in float64, the second with 2 padded regions and 2 PAD tokens."""
     gen = torch.Generator().manual_seed(1)
-    img = torch.randn(2, 6, 10, generator=gen)
+    img = torch.randn(2, 6, 10, generator=gen, dtype=torch.float64)
     ques = torch.randint(2, TOKEN_SIZE, (2, 5), generator=gen)
     img[1, 4:] = 0
     ques[1, 3:] = 0
@@ -67,7 +72,7 @@ def test_kept_maps_leave_mcan_output_unchanged(monkeypatch):
         assert len(sdpa_calls) == 3 * 2
         model.keep_attention(False)
         again = model(img, ques)
-    torch.testing.assert_close(kept, plain, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(kept, plain, rtol=0, atol=EXACT)
     assert torch.equal(again, plain)
     with pytest.raises(RuntimeError, match="call keep_attention"):
         model.attention_maps()  # cleared when switched off
@@ -76,7 +81,7 @@ def test_kept_maps_leave_mcan_output_unchanged(monkeypatch):
     plain_grad = torch.autograd.grad(model(img, ques).sum(), model.backbone.dec_list[0].mhatt2.linear_q.weight)[0]
     model.keep_attention(True)
     kept_grad = torch.autograd.grad(model(img, ques).sum(), model.backbone.dec_list[0].mhatt2.linear_q.weight)[0]
-    torch.testing.assert_close(kept_grad, plain_grad, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(kept_grad, plain_grad, rtol=0, atol=EXACT)
 
 
 def test_kept_maps_equal_a_recomputation_from_each_module_inputs():
@@ -105,16 +110,17 @@ def test_kept_maps_equal_a_recomputation_from_each_module_inputs():
         qh = module.linear_q(q).view(2, -1, heads, d).transpose(1, 2).double()
         kh = module.linear_k(k).view(2, -1, heads, d).transpose(1, 2).double()
         expected = reference_softmax(qh @ kh.transpose(-1, -2) / math.sqrt(d), mask, dim=-1)
-        torch.testing.assert_close(maps[name].double(), expected, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(maps[name], expected, rtol=0, atol=EXACT)
     assert maps["image_question/2"].shape == (2, 4, 6, 5)
     assert maps["image_question/2"][1, :, :, 3:].abs().max() == 0  # PAD words get no attention
 
     x, x_mask = seen["image_flat"]
     logits = model.attflat_img.mlp(x)  # (B, N, G)
     expected = reference_softmax(logits, x_mask[:, 0, 0, :, None], dim=1)
-    torch.testing.assert_close(maps["image_flat"].double(), expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(maps["image_flat"], expected, rtol=0, atol=EXACT)
     assert maps["image_flat"].shape == (2, 6, 2)
-    torch.testing.assert_close(maps["image_flat"].sum(dim=1), torch.ones(2, 2))  # per glimpse
+    torch.testing.assert_close(maps["image_flat"].sum(dim=1), torch.ones(2, 2, dtype=torch.float64), rtol=0,
+                               atol=EXACT)  # per glimpse
     assert maps["image_flat"][1, 4:].abs().max() == 0  # padded regions
 
 
@@ -142,6 +148,46 @@ def test_boxes_are_scaled_onto_the_image_file_or_drawn_on_a_blank_canvas(tmp_pat
         picture_and_boxes(answer, None, np.zeros((3, 4)), (64, 48))
 
 
+def test_the_picture_shows_the_weights_brightest_where_the_weight_is_largest(tmp_path, monkeypatch):
+    """Three side-by-side regions of a uniform grey image: in the drawn picture each region's pixels are as bright
+    as its weight ranks it (largest weight, brightest region), moving the weights moves the brightness with them,
+    and equal weights draw equal regions. A picture that ignored the weights would fail each of these."""
+    Image.new("RGB", (120, 60), (128, 128, 128)).save(tmp_path / "grey.png")
+    boxes = np.array([[0, 0, 40, 60], [40, 0, 80, 60], [80, 0, 120, 60]], dtype=np.float32)
+    panels = []  # the region panel's axes, to map image pixels onto the picture's pixels
+    real_draw_regions = attention_module._draw_regions
+
+    def spy(ax, *args, **kwargs):
+        panels.append(ax)
+        return real_draw_regions(ax, *args, **kwargs)
+
+    monkeypatch.setattr(attention_module, "_draw_regions", spy)
+
+    def brightness(weights: list[float]) -> list[float]:
+        """Mean pixel value inside each region of the picture drawn with these weights."""
+        answer = Answer("q?", [("a", 0.9)], ["q"], region_weights=np.array(weights), boxes=boxes,
+                        maps={"question_flat": np.ones((1, 1))})
+        picture = np.asarray(draw_attention(answer, image_file=tmp_path / "grey.png", image_size=(120, 60))
+                             .convert("RGB"), dtype=np.float64)
+        to_picture = panels[-1].transData.transform  # image pixels -> picture pixels (y up)
+        means = []
+        for x1, y1, x2, y2 in boxes:
+            # the box's lower-right part: clear of its outline and of the label drawn in its top-left corner
+            (c1, r2), (c2, r1) = to_picture([(x1 + 0.55 * (x2 - x1), y1 + 0.55 * (y2 - y1)),
+                                             (x2 - 0.1 * (x2 - x1), y2 - 0.1 * (y2 - y1))])
+            rows = slice(picture.shape[0] - round(r2), picture.shape[0] - round(r1))
+            inside = picture[rows, round(c1):round(c2)]
+            assert inside.size > 3 * 100 and inside.std(axis=(0, 1)).max() == 0  # one colour: no border, no label
+            means.append(float(inside.mean()))
+        return means
+
+    for weights in ([0.2, 0.5, 0.3], [0.5, 0.3, 0.2], [0.1, 0.2, 0.7]):
+        seen = brightness(weights)
+        assert np.argsort(seen).tolist() == np.argsort(weights).tolist(), (weights, seen)
+        assert min(np.diff(sorted(seen))) > 5, (weights, seen)  # visibly apart, not by rounding
+    assert len(set(brightness([1 / 3, 1 / 3, 1 / 3]))) == 1
+
+
 # --- on a trained model -------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
@@ -161,6 +207,8 @@ def test_predictor_answers_equal_predict(tiny_trained, predictor, test_png, ques
     answer = predictor.answer(predictor.features(test_png[1]), question, top_k=13)
     expected = predict(tiny_trained, test_png[1], question, top_k=13)  # the SDPA path, no maps kept
     assert [a for a, _ in answer.answers] == [a for a, _ in expected]
+    # float32, explicit attention against SDPA: scores differ by 6e-8 at most (measured, AMD EPYC, torch 2.13),
+    # a float32 ulp at 1; 1e-6 is a margin of 17
     assert [s for _, s in answer.answers] == pytest.approx([s for _, s in expected], abs=1e-6)
     assert answer.maps and answer.region_weights is not None
 
@@ -177,6 +225,9 @@ def test_region_weights_are_the_attflat_weights_of_the_same_pass(predictor, test
         expected = torch.softmax(model.attflat_img.mlp(seen["x"]).double(), dim=1)[0].mean(dim=1).numpy()
     n_regions = len(predictor.features(test_png[1]))
     assert answer.region_weights.shape == (n_regions,)
+    # the trained model is float32: weights differ from the float64 softmax by 3.9e-8 relative, the maps' sums
+    # from 1 by 1.2e-7 (measured, AMD EPYC, torch 2.13): rtol 1e-5 is a margin of 80 or more, 1e-6 (a sum of
+    # 5 region weights) 8 over float32's rounding of such a sum
     np.testing.assert_allclose(answer.region_weights, expected, rtol=1e-5, atol=1e-7)
     np.testing.assert_allclose(answer.maps["image_flat"].sum(axis=0), 1.0, rtol=1e-6)
     assert answer.tokens == ["what", "UNK", "is", "the", "UNK", "shape"]  # words outside the dictionary
@@ -211,6 +262,8 @@ def test_attention_png_is_written_and_read_back(predictor, test_png, tmp_path):
         assert np.array_equal(np.asarray(back), np.asarray(image)) and _non_blank(back)
     blank = predictor.draw(answer, image_size=(64, 64))  # no image file: blank canvas, nothing written
     assert not np.array_equal(np.asarray(blank), np.asarray(image))
+    reversed_weights = dataclasses.replace(answer, region_weights=answer.region_weights[::-1].copy())
+    assert not np.array_equal(np.asarray(predictor.draw(reversed_weights, image_file=test_png[1])), np.asarray(image))
 
     layered = predictor.draw(answer, tmp_path / "layers.png", image_file=test_png[1], layers=True)
     rows = 3 * predictor.cfg.LAYER  # SA, SGA guided, SGA self per layer

@@ -1,6 +1,8 @@
 """The `accuvqa` command end to end: sub-commands in a subprocess, one-line errors with exit code 2."""
 
 import json
+import re
+from collections import defaultdict
 from pathlib import Path
 
 import pytest
@@ -8,8 +10,32 @@ import pytest
 from accuvqa.checkpoint import load_checkpoint
 from accuvqa.cli import COMMANDS
 from accuvqa.config import list_presets
+from accuvqa.data.features import feature_file
 from accuvqa.models import list_models
 from conftest import ROOT, TINY, cli_overrides, run_cli
+
+PLAIN = re.compile(r"[a-z0-9]+( [a-z0-9]+)*")  # answers VQA's normalisation leaves as they are
+
+
+def accuracy_by_hand(answer: str, annotators: list[str]) -> float:
+    """One question's official VQA accuracy, counted by hand for plain answers: the mean, over the ten sets of
+    nine annotators, of min(1, annotators in the set who gave `answer` / 3)."""
+    assert PLAIN.fullmatch(answer) and all(PLAIN.fullmatch(a) for a in annotators), (answer, annotators)
+    sets = [annotators[:i] + annotators[i + 1:] for i in range(len(annotators))]
+    return sum(min(1.0, s.count(answer) / 3) for s in sets) / len(sets)
+
+
+def accuracy_of_saved_predictions(predictions: list[dict], annotation_file: Path) -> dict:
+    """{"accuracy", "per_answer_type"} in percent, from `result_val_pred.json`'s answers and the annotations."""
+    annotations = {a["question_id"]: a for a in json.loads(annotation_file.read_text())["annotations"]}
+    assert sorted(p["question_id"] for p in predictions) == sorted(annotations)  # every val question, once
+    by_type = defaultdict(list)
+    for p in predictions:
+        a = annotations[p["question_id"]]
+        by_type[a["answer_type"]].append(accuracy_by_hand(p["answer"], [x["answer"] for x in a["answers"]]))
+    every = [acc for accs in by_type.values() for acc in accs]
+    return {"accuracy": 100 * sum(every) / len(every),
+            "per_answer_type": {t: 100 * sum(accs) / len(accs) for t, accs in by_type.items()}}
 
 
 @pytest.mark.slow
@@ -23,15 +49,21 @@ def test_cli_trains_evaluates_tests_and_predicts_on_a_slice(easyvqa_slice, tmp_p
     lines = [json.loads(x) for x in (tmp_path / "res/e2e/metrics.jsonl").read_text().splitlines()]
     assert [(x["epoch"], x["split"]) for x in lines] == [(1, "val"), (2, "val")]
     assert set(lines[0]) >= {"epoch", "step", "split", "accuracy", "per_answer_type", "loss"}
-    assert 0 <= lines[1]["accuracy"] <= 100 and set(lines[1]["per_answer_type"]) == {"yes/no", "other"}
+    assert set(lines[1]["per_answer_type"]) == {"yes/no", "other"}
 
     state = load_checkpoint(tmp_path / "ck/ckpt_e2e/epoch2.pkl")
     assert {"state_dict", "optimizer", "lr_base", "config", "step", "vocab_fingerprint"} <= set(state)
     assert "backbone.enc_list.0.mhatt.linear_q.weight" in state["state_dict"]
 
-    r = run_cli("val", *common, "--CKPT_EPOCH", "2", cwd=tmp_path)
+    r = run_cli("val", *common, "--CKPT_EPOCH", "2", "--TEST_SAVE_PRED", "True", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     assert f"accuracy           {lines[1]['accuracy']:.2f}%" in r.stdout  # same model, same split
+    # the accuracy train logged is the official formula over val's saved answers, counted here by hand
+    predictions = json.loads((tmp_path / "res/e2e/result_val_pred.json").read_text())
+    by_hand = accuracy_of_saved_predictions(
+        predictions, Path(easyvqa_slice["DATASET_PATH"], "v2_mscoco_val2014_annotations.json"))
+    assert lines[1]["accuracy"] == pytest.approx(by_hand["accuracy"], abs=1e-9)
+    assert lines[1]["per_answer_type"] == pytest.approx(by_hand["per_answer_type"], abs=1e-9)
 
     r = run_cli("test", *common, "--CKPT_EPOCH", "2", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
@@ -40,12 +72,18 @@ def test_cli_trains_evaluates_tests_and_predicts_on_a_slice(easyvqa_slice, tmp_p
     assert [s["question_id"] for s in submission] == [q["question_id"] for q in questions["questions"]]
     assert all(isinstance(s["answer"], str) for s in submission)
 
-    image = next(Path(easyvqa_slice["root"]).rglob("*.jpg.npz"))  # a feature file, not a store's index
-    r = run_cli("predict", *common, "--CKPT_EPOCH", "2", "--image", str(image),
-                "--question", "What color is the shape?", cwd=tmp_path)
+    # predict answers a val question as val did: the saved answer is the model's answer to that question
+    question = json.loads(Path(easyvqa_slice["DATASET_PATH"], "v2_OpenEnded_mscoco_val2014_questions.json")
+                          .read_text())["questions"][0]
+    saved = next(p for p in predictions if p["question_id"] == question["question_id"])
+    image = feature_file(easyvqa_slice["FEATURE_PATH"], "val2014", question["image_id"])  # a file, not a store
+    r = run_cli("predict", *common, "--CKPT_EPOCH", "2", "--image", str(image), "--question", question["question"],
+                cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     rows = [line.split(maxsplit=1) for line in r.stdout.strip().splitlines()]
-    assert len(rows) == 5 and all(0.0 <= float(s) <= 1.0 for s, _ in rows)
+    assert len(rows) == 5 and rows[0][1] == saved["answer"], (rows, saved)
+    # printed to 4 decimals (5e-5), from a batch of one instead of val's batches (float32 padding: 1e-7)
+    assert abs(float(rows[0][0]) - saved["score"]) <= 5e-5 + 1e-6
     assert [float(s) for s, _ in rows] == sorted((float(s) for s, _ in rows), reverse=True)
 
     import easy_vqa
