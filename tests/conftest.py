@@ -23,7 +23,7 @@ def run_cli(*args: str, cwd: Path, env: dict | None = None) -> subprocess.Comple
     """`python -m accuvqa ARGS` in a subprocess (the console script's code path), output captured."""
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), **(env or {})}
     return subprocess.run([sys.executable, "-m", "accuvqa", *args], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=300)
+                          capture_output=True, text=True, timeout=900)
 
 
 def cli_overrides(values: dict) -> list[str]:

@@ -101,3 +101,28 @@ def test_files_that_are_not_checkpoints_are_named(tmp_path, content, message):
         load_checkpoint(path)
     with pytest.raises(CheckpointError, match="checkpoint .*missing.pkl does not exist"):
         load_checkpoint(tmp_path / "missing.pkl")
+
+
+def test_the_full_disk_drill_fills_each_atomic_file_at_its_byte_count(tmp_path, monkeypatch):
+    """ACCUVQA_DISK_FULL_AFTER (src/accuvqa/files.py): a file that fits is written whole; one that does not fails
+    with ENOSPC, as on a full disk, and leaves neither a torn file nor a temporary one."""
+    import errno
+    import json
+
+    from accuvqa.files import write_json_atomic
+
+    payload = {"checkpoint": "epoch1.pkl", "step": 10}
+    size = len(json.dumps(payload))
+    monkeypatch.setenv("ACCUVQA_DISK_FULL_AFTER", str(size))
+    write_json_atomic(tmp_path / "fits.json", payload)
+    assert json.loads((tmp_path / "fits.json").read_text()) == payload
+    monkeypatch.setenv("ACCUVQA_DISK_FULL_AFTER", str(size - 1))
+    with pytest.raises(OSError) as err:
+        write_json_atomic(tmp_path / "full.json", payload)
+    assert err.value.errno == errno.ENOSPC
+    # torch.save meets the same full disk inside its zip writer, which reports it as a RuntimeError whose
+    # context is the OSError (what save_run_checkpoint turns into "no space left")
+    with pytest.raises(RuntimeError) as err:
+        save_checkpoint(checkpoint_path(tmp_path, "run", 1), {"state_dict": {"w": torch.zeros(1000)}})
+    assert isinstance(err.value.__context__, OSError) and err.value.__context__.errno == errno.ENOSPC
+    assert sorted(p.name for p in tmp_path.rglob("*") if p.is_file()) == ["fits.json"]

@@ -118,7 +118,10 @@ def test_cli_bad_input_is_one_line_and_exit_code_2(tmp_path, args, message):
     r = run_cli(*args, cwd=tmp_path)
     assert r.returncode == 2
     assert message in r.stderr and "Traceback" not in r.stderr
-    assert len(r.stderr.strip().splitlines()) == 1
+    # the error is one line, the last; before it only log lines (e.g. which key named the checkpoint to load)
+    *logged, last = r.stderr.strip().splitlines()
+    assert last.startswith("accuvqa: error: ") and message in last, r.stderr
+    assert all(re.match(r"\d\d:\d\d:\d\d (INFO|WARNING) ", line) for line in logged), r.stderr
 
 
 def test_cli_yaml_syntax_error_names_line(tmp_path):

@@ -235,8 +235,8 @@ def test_a_one_process_checkpoint_resumes_on_two_processes(layout, uninterrupted
 
 @pytest.mark.slow
 def test_a_failing_rank_ends_the_job_and_its_last_checkpoint_resumes_on_one_process(layout, uninterrupted, tmp_path):
-    # DIST_TIMEOUT far above the run's deadline: had rank 0 waited for the lost peer until its collective timed
-    # out, the run would miss DEADLINE; it must notice the closed connection instead (its message says so)
+    # DIST_TIMEOUT (3600 s) far above the run's deadline (run_cli's 300 s): had rank 0 waited for the lost peer
+    # until its collective timed out, the run would miss the deadline; it notices the closed connection instead
     cfg = _cfg(layout, tmp_path, "crash", EVAL_EVERY_EPOCH=False)
     fail_at = UPDATES_PER_EPOCH + 4  # in epoch 2, after epoch 1's checkpoint
     r = _nproc2(*_args(cfg), "--DIST_TIMEOUT", "3600", cwd=tmp_path,
@@ -263,7 +263,7 @@ def test_a_failing_rank_ends_the_job_and_its_last_checkpoint_resumes_on_one_proc
 
 @pytest.mark.slow
 def test_a_killed_rank_ends_the_job_with_its_signal(layout, tmp_path):
-    # DIST_TIMEOUT far above the run's deadline: the job must end on the process's death, not on a timeout
+    # DIST_TIMEOUT (3600 s) far above the run's deadline (run_cli's 300 s): the job ends on the death, not a timeout
     cfg = _cfg(layout, tmp_path, "killed", EVAL_EVERY_EPOCH=False)
     r = _nproc2(*_args(cfg), "--DIST_TIMEOUT", "3600", cwd=tmp_path, env={"ACCUVQA_FAIL_AT": "1:3:kill"})
     assert r.returncode == 128 + signal.SIGKILL, r.stderr[-3000:]

@@ -15,7 +15,14 @@ The convention (written for users in docs/README.md, "Commands in these pages"):
   tests, also on PATH (as after `. .venv/bin/activate`); `configs/` holding the shipped presets, the
   easy-VQA ones at MAX_EPOCH 1 and NUM_THREADS 1; and the bundled easy-VQA cut to its first
   IMAGES images per split (a sitecustomize hook on the `easy_vqa` package), so `accuvqa prepare` and
-  every run on it take seconds. Each must exit 0 (or its `# exit N`).
+  every run on it take seconds. Each must exit 0 (or its `# exit N`). A command an earlier page or
+  block already ran (the same text, comments and `.venv/bin/` aside) is not run again.
+
+Beside the commands: README's layout section lists exactly the module files of src/accuvqa; its first
+screen holds the pitch, the two commands and the task table; docs/models.md and docs/reliability.md
+name every registered model, and models.md's table every preset; relative links, file paths and test
+names in the pages exist; docs/config.md is what `make docs` writes; docs/troubleshooting.md covers
+every module that raises a user error.
 """
 
 from __future__ import annotations
@@ -26,7 +33,7 @@ import re
 import subprocess
 import sys
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 
 import pytest
@@ -91,10 +98,10 @@ def blocks_and_text(path: Path) -> tuple[list[Block], list[tuple[int, str]]]:
     return blocks, text
 
 
-@lru_cache(maxsize=None)
+@cache
 def _complete(text: str) -> bool:
     """Whether `text` is a whole shell command (bash -n: no open quote, loop or here-document)."""
-    check = subprocess.run(["bash", "-n"], input=text, capture_output=True, text=True)
+    check = subprocess.run(["bash", "-n"], input=text, capture_output=True, text=True, check=False)
     return not re.search(r"unexpected end of file|unexpected EOF|here-document", check.stderr)
 
 
@@ -230,6 +237,8 @@ def _normalised(text: str) -> str:
 @pytest.fixture(scope="module")
 def scratch(tmp_path_factory) -> tuple[Path, dict, set]:
     """The folder the pages' commands run in, and their environment (see the module docstring)."""
+    assert (Path(sys.prefix) / "bin" / "accuvqa").exists(), \
+        f"run the tests from the project's environment (make test): {sys.prefix}/bin holds no accuvqa command"
     root = tmp_path_factory.mktemp("docs")
     (root / ".venv").symlink_to(Path(sys.prefix), target_is_directory=True)
     (root / "configs").mkdir()
@@ -251,8 +260,8 @@ def _block_script(commands: list[Command]) -> str:
     """One bash script for a block's runnable commands: each followed by a check of its exit status."""
     parts = []
     for n, command in enumerate(commands):
-        parts += [f"echo '>>> {command.where()}' >&2", command.text,
-                  f'__rc=$?; if [ "$__rc" -ne {command.exit_code} ]; then echo "__DOCS_FAILED__ {n} $__rc"; exit 97; fi']
+        check = f'if [ "$__rc" -ne {command.exit_code} ]; then echo "__DOCS_FAILED__ {n} $__rc"; exit 97; fi'
+        parts += [f"echo '>>> {command.where()}' >&2", command.text, f"__rc=$?; {check}"]
     return "\n".join(parts) + "\n"
 
 
@@ -271,7 +280,7 @@ def test_every_unmarked_command_of_the_page_runs(doc, scratch):
         if not commands:
             continue
         result = subprocess.run(["bash", "-c", _block_script(commands)], cwd=root, env=env, capture_output=True,
-                                text=True, timeout=PER_COMMAND_S * len(commands))
+                                text=True, timeout=PER_COMMAND_S * len(commands), check=False)
         failed = re.search(r"__DOCS_FAILED__ (\d+) (\d+)", result.stdout)
         if failed or result.returncode != 0:
             command = commands[int(failed.group(1))] if failed else commands[-1]
@@ -286,7 +295,7 @@ def test_every_unmarked_command_of_the_page_runs(doc, scratch):
 # ----------------------------------------------------------------------------- what the pages list
 
 def _section(text: str, title: str) -> str:
-    m = re.search(rf"^## {re.escape(title)}\s*$(.*?)(?=^## |\Z)", text, re.M | re.S)
+    m = re.search(rf"^## {re.escape(title)}\s*$(.*?)(?=^## |\Z)", text, re.MULTILINE | re.DOTALL)
     assert m, f"README.md has no '## {title}' section"
     return m.group(1)
 
@@ -296,7 +305,7 @@ def layout_entries(section: str) -> set[str]:
 
     A line's name column ends at the first run of two spaces; a name ending in `/` opens a folder for
     the more-indented lines below it; `a.py, b.py` names several files of the same folder."""
-    block = re.search(r"```[\w]*\n(.*?)```", section, re.S)
+    block = re.search(r"```[\w]*\n(.*?)```", section, re.DOTALL)
     assert block, "the layout section has no fenced block"
     lines = block.group(1).splitlines()
     assert lines and lines[0].strip() == "src/accuvqa/", "the layout block starts with src/accuvqa/"
@@ -337,7 +346,7 @@ def test_every_command_of_the_readme_task_table_is_a_checked_command():
     """An `accuvqa ...` in the README's "I want to" table is a command of some page's fenced block, so it is
     run (or marked) there too."""
     readme = (ROOT / "README.md").read_text()
-    table = re.search(r"^\| I want to.*?(?=^[^|])", readme, re.M | re.S).group(0)
+    table = re.search(r"^\| I want to.*?(?=^[^|])", readme, re.MULTILINE | re.DOTALL).group(0)
     every = "\n".join(c.text for doc in DOCS for c in page_commands(doc))
     for cell in re.findall(r"`((?:accuvqa|make|\.venv/bin/accuvqa) [^`]*)`", table):
         cell = cell.removesuffix(" ...")  # "accuvqa predict ... --VERSION run1 ...": the rest is in the doc
@@ -353,7 +362,7 @@ def test_the_model_pages_name_every_model_and_every_preset():
         assert f"`{name}`" in models_page, f"docs/models.md does not name model `{name}`"
         assert f"`{name}`" in (ROOT / "docs/reliability.md").read_text(), \
             f"docs/reliability.md does not name model `{name}`"
-    table = re.search(r"^\| `MODEL_USE` \| presets \|.*?(?=^[^|])", models_page, re.M | re.S)
+    table = re.search(r"^\| `MODEL_USE` \| presets \|.*?(?=^[^|])", models_page, re.MULTILINE | re.DOTALL)
     assert table, "docs/models.md has no table headed | `MODEL_USE` | presets |"
     for preset in list_presets():
         assert f"`{preset}`" in table.group(0), f"docs/models.md's presets table lacks `{preset}`"
@@ -366,7 +375,7 @@ def test_the_model_pages_name_every_model_and_every_preset():
 def _anchors(path: Path) -> set[str]:
     """GitHub's anchors of a page's headings."""
     anchors = set()
-    for heading in re.findall(r"^#+ (.+)$", path.read_text(), re.M):
+    for heading in re.findall(r"^#+ (.+)$", path.read_text(), re.MULTILINE):
         slug = re.sub(r"[^\w\- ]", "", heading.strip().lower().replace("`", "")).replace(" ", "-")
         anchors.add(slug)
     return anchors
@@ -374,7 +383,7 @@ def _anchors(path: Path) -> set[str]:
 
 @pytest.mark.parametrize("doc", DOCS, ids=_id)
 def test_every_relative_link_reaches_a_file_and_heading(doc):
-    text = re.sub(r"```.*?```", "", doc.read_text(), flags=re.S)
+    text = re.sub(r"```.*?```", "", doc.read_text(), flags=re.DOTALL)
     for target in re.findall(r"\]\(([^)\s]+)\)", text):
         if re.match(r"[a-z]+:", target):
             continue
@@ -410,7 +419,7 @@ def test_every_file_and_test_a_page_names_exists():
     """`tests/test_x.py::test_name`, `benchmarks/x.py`, `src/accuvqa/...`: what the pages point to is there."""
     defined = set()
     for path in (ROOT / "tests").rglob("test_*.py"):
-        defined |= set(re.findall(r"^\s*(?:async )?def (test_\w+)", path.read_text(), re.M))
+        defined |= set(re.findall(r"^\s*(?:async )?def (test_\w+)", path.read_text(), re.MULTILINE))
     for doc in DOCS:
         text = doc.read_text()
         for path in re.findall(r"\b((?:src|tests|benchmarks|configs)/[\w./-]*\w\.(?:py|yml))\b", text):

@@ -177,7 +177,8 @@ def test_contract_accumulation_is_exact(name: str) -> None:
     assert sorted(by_k) == [1, 2, 3, 4]
     assert by_k[3].micro_batch_size == "2-3"  # the uneven split is exercised
     for row in rows:
-        assert row.rel_diff <= EXACT, f"{name}: {row.micro_batches} micro-batches, relative difference {row.rel_diff:.2e}"
+        assert row.rel_diff <= EXACT, f"{name}: {row.micro_batches} micro-batches, relative difference " \
+                                      f"{row.rel_diff:.2e}"
     # control: the folklore loop (each micro-batch's mean loss / k) on the uneven 3 + 2 + 3 split, against the mean
     # over all 8 samples, misses by far more than the bound
     params = [p for p in model.parameters() if p.requires_grad]
@@ -289,7 +290,8 @@ def test_sdpa_matches_explicit_attention() -> None:
     cfg = tiny_cfg()
     torch.manual_seed(0)
     att = MHAtt(cfg).eval().double()
-    q, kv = torch.randn(2, 3, cfg.HIDDEN_SIZE, dtype=torch.float64), torch.randn(2, 5, cfg.HIDDEN_SIZE, dtype=torch.float64)
+    q = torch.randn(2, 3, cfg.HIDDEN_SIZE, dtype=torch.float64)
+    kv = torch.randn(2, 5, cfg.HIDDEN_SIZE, dtype=torch.float64)
     mask = torch.tensor([[False] * 5, [False, False, True, True, True]]).view(2, 1, 1, 5)
     with torch.no_grad():
         fast = att(kv, kv, q, mask)

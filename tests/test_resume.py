@@ -186,7 +186,7 @@ def test_mid_epoch_checkpoints_hold_their_position_and_resume_alone_continues(tm
 
 def test_resume_of_a_run_without_checkpoints_names_it(tmp_path):
     cfg = _small_run(tmp_path, MAX_EPOCH=1)
-    with pytest.raises(ConfigError, match=r"run 'nothere' has no checkpoint to resume in .*ckpt_nothere"):
+    with pytest.raises(ConfigError, match=r"run 'nothere' has no checkpoint in .*ckpt_nothere; .*without --RESUME"):
         train(cfg.replace(VERSION="nothere", RESUME=True))
 
 

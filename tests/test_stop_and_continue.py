@@ -18,6 +18,7 @@ import torch
 
 from accuvqa.checkpoint import load_checkpoint, save_checkpoint
 from conftest import ROOT, TINY, cli_overrides, write_vqa_layout
+from test_resume import _assert_same_weights, _weights
 
 FEAT = 12  # write_vqa_layout's feature size
 
@@ -36,16 +37,6 @@ def _accuvqa(argv: list[str], cwd: Path, env: dict | None = None) -> subprocess.
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), **(env or {})}
     return subprocess.run([sys.executable, "-m", "accuvqa", *argv], cwd=cwd, env=env, capture_output=True,
                           text=True, timeout=600, start_new_session=True, stdin=subprocess.DEVNULL)
-
-
-def _weights(path: Path) -> dict:
-    return load_checkpoint(path)["state_dict"]
-
-
-def _assert_same(a: dict, b: dict) -> None:
-    assert a.keys() == b.keys()
-    different = [k for k in a if not torch.equal(a[k], b[k])]
-    assert not different, f"{len(different)} tensors differ, e.g. {different[:3]}"
 
 
 @pytest.fixture(scope="module")
@@ -82,7 +73,7 @@ def test_a_small_preset_run_stopped_by_sigterm_continues_with_the_printed_comman
             f"CKPT_VERSION small, CKPT_EPOCH 13 in ") in continued.stderr
     assert "ignored: only the command line names another checkpoint" in continued.stderr
     assert "24 (17 in this run)" in continued.stdout  # it continued the stopped run, not mcan-vqa's epoch 13
-    _assert_same(_weights(run_dir / "epoch2.pkl"), _weights(root / "ck" / f"ckpt_whole{workers}" / "epoch2.pkl"))
+    _assert_same_weights(_weights(run_dir / "epoch2.pkl"), _weights(root / "ck" / f"ckpt_whole{workers}" / "epoch2.pkl"))
     assert load_checkpoint(tree["trap"])["epoch"] == 13  # the trap was never read as this run's
 
     # val of that run, without CKPT_EPOCH: its newest checkpoint (epoch 2), never ckpt_small/epoch13.pkl

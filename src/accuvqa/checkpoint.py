@@ -155,10 +155,12 @@ def save_run_checkpoint(cfg: Config, path: Path, state: dict[str, Any]) -> Path:
         # pos"), the OSError it met kept as its context
         free = shutil.disk_usage(path.parent).free if path.parent.is_dir() else 0
         full = free < 2 * 2**20 or any(getattr(c, "errno", None) == errno.ENOSPC for c in _chain(e))
-        cause = (f"no space left on the device ({free / 2**20:.1f} MiB free in {path.parent}): free some space or "
-                 f"set CKPTS_PATH to another disk" if full else str(e).strip().splitlines()[0])
-        raise CheckpointError(f"cannot write checkpoint {path}: {cause}; the last good checkpoint is "
-                              f"{last_good if last_good else 'none (nothing was saved yet)'}") from e
+        last = last_good if last_good else "none (nothing was saved yet)"
+        if full:
+            raise CheckpointError(f"no space left on the device while writing {path}: free some space or set "
+                                  f"CKPTS_PATH to another disk; the last good checkpoint is {last}") from e
+        raise CheckpointError(f"cannot write checkpoint {path}: {str(e).strip().splitlines()[0]}; the last good "
+                              f"checkpoint is {last}") from e
     if cfg.KEEP_CKPTS > 0:
         steps = sorted((int(m.group(1)), p) for p in path.parent.glob("step*.pkl")
                        if (m := re.fullmatch(r"step(\d+)\.pkl", p.name)))

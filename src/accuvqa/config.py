@@ -33,7 +33,8 @@ class Config:
     SEED: int = _run(0, "seed of every random generator, the batch order included")
     VERSION: Optional[str] = _run(None, "the run's name (null: the seed); plot takes several, comma-separated")
     DEVICE: str = _run("auto", "auto, cpu, cuda or cuda:N")
-    GPU: str = _run("0", "mcan-vqa's GPU list (CUDA_VISIBLE_DEVICES)")
+    GPU: str = _run("0", "accepted for mcan-vqa's configs and ignored: pick devices with DEVICE and "
+                         "CUDA_VISIBLE_DEVICES (docs/hardware.md)")
     NUM_THREADS: int = _run(0, "CPU threads for torch (0: torch's default)")
     DIST_TIMEOUT: int = _run(600, "seconds a collective waits for the other processes before the job fails")
     VERBOSE: bool = _run(True, "print progress and log lines")
@@ -51,7 +52,7 @@ class Config:
     VAL_FRACTION: float = _data(0.1, "easyvqa: share of the train images held out as the val split")
     PRELOAD: bool = _data(False, "read the packed features into memory instead of memory-mapping them")
     NUM_WORKERS: int = _data(0, "loader worker processes (0: load in the training process)")
-    PIN_MEM: bool = _data(False, "pin batches in page-locked memory (faster copies to a GPU)")
+    PIN_MEM: bool = _data(False, "with NUM_WORKERS > 0: pin batches in page-locked memory (faster copies to a GPU)")
     BUCKET_WINDOW: int = _data(16, "> 1: batches of similar region counts within windows of this many batches, "
                                    "order still fixed by SEED (0 or 1: off, batches as drawn)")
     USE_GLOVE: bool = _data(False, "start word embeddings from pre-trained vectors (WORD_VECTORS)")

@@ -52,7 +52,8 @@ def _disk_full_after() -> int | None:
         return None
     if not spec.isdigit():
         raise ConfigError(f"{DISK_FULL_AFTER}={spec!r}: expected a number of bytes, e.g. 65536 (each file written "
-                          f"atomically then fails as on a full disk once it holds that many); unset it to write normally")
+                          f"atomically then fails as on a full disk once it holds that many); unset it to write "
+                          f"normally")
     return int(spec)
 
 
