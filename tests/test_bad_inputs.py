@@ -216,11 +216,12 @@ CASES: dict[str, Callable[[Path], tuple[list[str], str | tuple[str, ...]]]] = {
                          f"packed feature store was built")),
     "npz_of_another_feature_size": lambda w: _then(
         np.savez(w / VAL_NPZ, x=np.zeros((16, 5), np.float32)),
-        (["val", *GOOD], f"{VAL_NPZ}: 'x' has shape (16, 5), expected (12, N) with IMG_FEAT_SIZE 12")),
+        (["val", *GOOD], f"{VAL_NPZ}: 'x' has shape (16, 5), and neither side is IMG_FEAT_SIZE 12; if these are "
+                         f"16-d features of 5 regions, set IMG_FEAT_SIZE 16")),
     "img_feat_size_not_the_features": lambda w: (
         ["train", *NEW, "--IMG_FEAT_SIZE", "16"],
         ("feats/train2014/COCO_train2014_000000001000.jpg.npz: 'x' has shape (12, ",
-         "expected (16, N) with IMG_FEAT_SIZE 16; these features have 12 (set IMG_FEAT_SIZE 12 if all do)")),
+         "and neither side is IMG_FEAT_SIZE 16; if these are 12-d features of ", "regions, set IMG_FEAT_SIZE 12")),
     "question_json_broken": lambda w: _then(
         _write(w / VAL_Q, '{"questions": ['),
         (["val", *GOOD], f"val question file {VAL_Q} is not valid JSON: Expecting value: line 1")),

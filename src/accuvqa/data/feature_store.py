@@ -24,7 +24,7 @@ from typing import Callable, Iterable, Sequence
 import numpy as np
 
 from accuvqa.data.build import Partial, build_progress, ensure_store, folder_state, store_home, why_stale
-from accuvqa.data.features import feature_shape, index_features, read_features
+from accuvqa.data.features import feature_shape, index_features, read_features, region_count
 from accuvqa.errors import DataError
 from accuvqa.files import write_json_atomic
 
@@ -65,10 +65,7 @@ def _pack(partial: Partial, feature_path: str | Path, folder: str, feat_size: in
     if done == 0:  # a fresh start: count regions from the headers, lay out the array
         counts = np.zeros(len(image_ids), dtype=np.int64)
         for i, image_id in enumerate(progress(image_ids.tolist(), f"count {folder}")):
-            shape = feature_shape(paths[image_id])
-            if len(shape) != 2 or shape[0] != feat_size:
-                read_features(paths[image_id], feat_size, 1)  # raises the DataError naming the file
-            counts[i] = shape[1]
+            counts[i] = region_count(paths[image_id], feature_shape(paths[image_id]), feat_size)
         offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
         np.save(partial.path / "offsets.npy", offsets)
         np.lib.format.open_memmap(partial.path / "features.npy", mode="w+", dtype=np.float32,

@@ -1,4 +1,5 @@
-"""Region features: one `.npz` per image, `x` stored (D, N) for N regions, as bottom-up attention writes it.
+"""Region features: one `.npz` per image, `x` stored (D, N) for N regions as mcan-vqa reads it, or (N, D) as
+bottom-up-attention.pytorch writes it (both read; its extra keys, such as `info`, are ignored).
 
 FEATURE_PATH holds `<folder>/COCO_<folder>_<12-digit image id>.jpg.npz`.
 """
@@ -53,11 +54,27 @@ def _unreadable(path: Path, e: BaseException) -> DataError:
     return DataError(f"cannot read region features {path}: {why}")
 
 
-def _check_shape(path: Path, shape: tuple, feat_size: int) -> None:
-    if len(shape) != 2 or shape[0] != feat_size:
-        got = f"; these features have {shape[0]} (set IMG_FEAT_SIZE {shape[0]} if all do)" if len(shape) == 2 else ""
-        raise DataError(f"{path}: 'x' has shape {tuple(shape)}, expected ({feat_size}, N) with IMG_FEAT_SIZE "
-                        f"{feat_size}{got}")
+def regions_first(path: Path, shape: tuple, feat_size: int) -> bool:
+    """Whether `x` of this shape is stored (N, D) (bottom-up-attention.pytorch) rather than (D, N) (mcan-vqa's
+    layout); DataError when it is neither for IMG_FEAT_SIZE `feat_size`, or when N == D makes it ambiguous."""
+    if len(shape) != 2:
+        raise DataError(f"{path}: 'x' has shape {tuple(shape)}, expected 2 dimensions: (IMG_FEAT_SIZE, N) as "
+                        f"mcan-vqa stores it, or (N, IMG_FEAT_SIZE) as bottom-up-attention.pytorch does")
+    rows, cols = shape
+    if rows == cols == feat_size:
+        raise DataError(f"{path}: 'x' has shape {tuple(shape)}: with as many regions as features (IMG_FEAT_SIZE "
+                        f"{feat_size}) it cannot be told whether it is (D, N) or (N, D); extract this image with "
+                        f"another number of regions")
+    if feat_size not in shape:
+        size, count = max(shape), min(shape)
+        raise DataError(f"{path}: 'x' has shape {tuple(shape)}, and neither side is IMG_FEAT_SIZE {feat_size}; if "
+                        f"these are {size}-d features of {count} regions, set IMG_FEAT_SIZE {size}")
+    return cols == feat_size
+
+
+def region_count(path: Path, shape: tuple, feat_size: int) -> int:
+    """Number of regions of a file whose `x` has this shape (either orientation; see `regions_first`)."""
+    return shape[0] if regions_first(path, shape, feat_size) else shape[1]
 
 
 _READ_ERRORS = (OSError, ValueError, KeyError, zipfile.BadZipFile, EOFError, zlib.error, NotImplementedError)
@@ -70,8 +87,8 @@ def read_features(path: Path, feat_size: int, pad_size: int) -> np.ndarray:
             x = npz["x"]
     except _READ_ERRORS as e:
         raise _unreadable(path, e) from e
-    _check_shape(path, x.shape, feat_size)
-    return np.ascontiguousarray(x.T[:pad_size], dtype=np.float32)
+    x = x if regions_first(path, x.shape, feat_size) else x.T  # (N, D)
+    return np.ascontiguousarray(x[:pad_size], dtype=np.float32)
 
 
 def read_boxes(path: Path, pad_size: int) -> np.ndarray:
@@ -108,7 +125,5 @@ def region_counts(paths: Sequence[Path], feat_size: int) -> np.ndarray:
     cannot be read or whose feature size is not `feat_size` (so bad files are named at start)."""
     counts = np.zeros(len(paths), dtype=np.int64)
     for i, path in enumerate(paths):
-        shape = feature_shape(path)
-        _check_shape(path, shape, feat_size)
-        counts[i] = shape[1]
+        counts[i] = region_count(path, feature_shape(path), feat_size)
     return counts
