@@ -211,26 +211,16 @@ def _coerce_to(tp: Any, value: Any) -> Any:
         if not isinstance(value, (list, tuple)) or len(value) != len(inner):
             raise TypeError
         return tuple(_coerce_to(t, v) for t, v in zip(inner, value))
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        raise TypeError
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise TypeError
+    if tp is bool and isinstance(value, bool):
         return value
-    if tp is float:
-        if isinstance(value, bool):
-            raise TypeError
-        if isinstance(value, (int, float)):
-            return float(value)
-        if isinstance(value, str):  # YAML 1.1 reads "1e-4" as a string
-            return float(value)
+    if isinstance(value, bool):  # never an int, float or str
         raise TypeError
-    if tp is str:
-        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
-            return str(value)
-        raise TypeError
+    if tp is int and isinstance(value, int):
+        return value
+    if tp is float and isinstance(value, (int, float, str)):  # YAML 1.1 reads "1e-4" as a string
+        return float(value)
+    if tp is str and isinstance(value, (str, int, float)):
+        return str(value)
     raise TypeError
 
 
