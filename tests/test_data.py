@@ -92,7 +92,7 @@ def test_corrupt_feature_file_is_named(vqa_layout, tmp_path):
     with pytest.raises(DataError, match=r"cannot read region features .*000000000001.jpg.npz"):
         read_features(bad, 12, 100)
     good = next(iter(index_features(vqa_layout["FEATURE_PATH"], ["val2014"]).values()))
-    with pytest.raises(DataError, match=r"expected \(2048, N\) with IMG_FEAT_SIZE 2048"):
+    with pytest.raises(DataError, match=r"neither side is IMG_FEAT_SIZE 2048; if these are 12-d features of \d+ regions, set IMG_FEAT_SIZE 12"):
         read_features(good, 2048, 100)
 
 

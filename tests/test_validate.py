@@ -13,6 +13,7 @@ from accuvqa.cli import main
 from accuvqa.config import load_config
 from accuvqa.data.validate import validate_vqa_tree
 from accuvqa.errors import DataError
+from conftest import write_vqa_layout
 
 FOLDERS = {"train": "train2014", "val": "val2014", "test": "test2015"}
 
@@ -78,7 +79,7 @@ def test_split_asked_for_but_absent_is_named(vqa_layout):
 
 
 def test_feature_of_the_wrong_size_is_refused(vqa_layout):
-    with pytest.raises(DataError, match=r"expected \(2048, N\) with IMG_FEAT_SIZE 2048"):
+    with pytest.raises(DataError, match=r"neither side is IMG_FEAT_SIZE 2048; if these are 12-d features of \d+ regions, set IMG_FEAT_SIZE 12"):
         validate_vqa_tree(cfg_for(vqa_layout, IMG_FEAT_SIZE=2048))
 
 
@@ -89,12 +90,24 @@ def run_prepare(layout: dict, cwd: Path) -> subprocess.CompletedProcess:
                            "--IMG_FEAT_SIZE", "12"], cwd=cwd, env=env, capture_output=True, text=True, timeout=120)
 
 
-def test_cli_prepare_prints_the_counts(vqa_layout, tmp_path):
-    r = run_prepare(vqa_layout, tmp_path)
+def test_cli_prepare_prints_the_counts(tmp_path):
+    layout = write_vqa_layout(tmp_path / "data", images_per_split=10)  # answers seen 10 times: a dictionary
+    r = run_prepare(layout, tmp_path)
     assert r.returncode == 0, r.stderr
-    train = counts_from_files(vqa_layout, "train")
+    train = counts_from_files(layout, "train")
     assert f"{train['questions']} questions, {train['annotations']} annotated, {train['images']} images" in r.stdout
     assert "complete" in r.stdout and "test" in r.stdout
+    assert "prepared stores" in r.stdout and str(Path(layout["DATASET_PATH"]) / "train.qa") in r.stdout
+
+
+def test_cli_prepare_of_a_tree_no_run_can_train_on_is_one_line_and_exit_code_2(vqa_layout, tmp_path):
+    # 6 images: every answer is seen 6 times, under mcan-vqa's threshold (more than 8): the stores every
+    # command reads cannot be built, and prepare says so (it used to leave a note and let runs read the JSON)
+    r = run_prepare(vqa_layout, tmp_path)
+    assert r.returncode == 2
+    errors = [line for line in r.stderr.splitlines() if line.startswith("accuvqa: error:")]
+    assert errors == ["accuvqa: error: the answer dictionary is empty: no training answer is seen more than 8 times"]
+    assert "Traceback" not in r.stderr
 
 
 def test_cli_prepare_names_a_gap_in_one_line_with_exit_code_2(vqa_layout, capsys):
