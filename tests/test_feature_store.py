@@ -166,20 +166,27 @@ def test_a_truncated_store_is_named_and_packed_again_once_deleted(layout):
         assert np.array_equal(stores[image_id].read(image_id, 100), read_features(npz, FEAT, 100))
 
 
-def test_an_interrupted_packing_resumes_where_it_stopped(layout, monkeypatch):
+def _interrupt_packing_at_the_8th_image(layout, monkeypatch) -> tuple[list, object]:
+    """Pack train2014 with progress marks every 3 images, interrupted (as by Ctrl-C) at its 8th image (after the
+    marks at 3 and 6): (the files read, the real reader)."""
     monkeypatch.setattr(store_module, "_SAVE_EVERY", 3)
     reads = []
     real_read = store_module.read_features
 
     def failing_read(path, feat_size, pad_size):
         reads.append(path)
-        if len(reads) == 8:  # the packing dies at its 8th image (after the marks at 3 and 6)
+        if len(reads) == 8:
             raise KeyboardInterrupt
         return real_read(path, feat_size, pad_size)
 
     monkeypatch.setattr(store_module, "read_features", failing_read)
     with pytest.raises(KeyboardInterrupt):
         pack_folder(layout["FEATURE_PATH"], "train2014", FEAT)
+    return reads, real_read
+
+
+def test_an_interrupted_packing_resumes_where_it_stopped(layout, monkeypatch):
+    reads, real_read = _interrupt_packing_at_the_8th_image(layout, monkeypatch)
     final = store_dir(layout["FEATURE_PATH"], "train2014")
     assert not final.exists()  # nothing half-written is ever taken for a store
     partial = final.with_name(final.name + ".partial")
@@ -202,19 +209,7 @@ def test_an_interrupted_packing_resumes_where_it_stopped(layout, monkeypatch):
 
 
 def test_an_interrupted_packing_whose_folder_changed_since_starts_afresh(layout, monkeypatch):
-    monkeypatch.setattr(store_module, "_SAVE_EVERY", 3)
-    reads = []
-    real_read = store_module.read_features
-
-    def failing_read(path, feat_size, pad_size):
-        reads.append(path)
-        if len(reads) == 8:
-            raise KeyboardInterrupt
-        return real_read(path, feat_size, pad_size)
-
-    monkeypatch.setattr(store_module, "read_features", failing_read)
-    with pytest.raises(KeyboardInterrupt):
-        pack_folder(layout["FEATURE_PATH"], "train2014", FEAT)
+    reads, real_read = _interrupt_packing_at_the_8th_image(layout, monkeypatch)
     first = min(_npz(layout, "train2014"))  # among the images packed before the interruption
     path = feature_file(layout["FEATURE_PATH"], "train2014", first)
     with np.load(path) as npz:

@@ -168,7 +168,8 @@ def test_a_damaged_store_is_named_with_what_to_do(cfg):
         r.answers for r in load_records(cfg, "val", need_answers=True)]
 
 
-def test_an_interrupted_build_leaves_no_store_and_resumes_with_the_splits_it_finished(cfg, monkeypatch):
+def _interrupt_at_val(cfg, monkeypatch) -> tuple[list, object]:
+    """Build the store, interrupted (as by Ctrl-C) when it comes to write val.npz: (splits written, the real writer)."""
     written = []
     write = question_store_module.write_split
 
@@ -181,6 +182,11 @@ def test_an_interrupted_build_leaves_no_store_and_resumes_with_the_splits_it_fin
     monkeypatch.setattr(question_store_module, "write_split", failing)
     with pytest.raises(KeyboardInterrupt):
         question_store(cfg)
+    return written, write
+
+
+def test_an_interrupted_build_leaves_no_store_and_resumes_with_the_splits_it_finished(cfg, monkeypatch):
+    written, write = _interrupt_at_val(cfg, monkeypatch)
     final = store_dir(cfg)
     assert not final.exists()  # nothing half-written is ever taken for a store
     partial = final.with_name(final.name + ".partial")
@@ -202,18 +208,7 @@ def test_an_interrupted_build_leaves_no_store_and_resumes_with_the_splits_it_fin
 
 
 def test_an_interrupted_build_whose_sources_changed_since_starts_afresh(cfg, monkeypatch):
-    written = []
-    write = question_store_module.write_split
-
-    def failing(path, arrays):
-        if path.name == "val.npz":
-            raise KeyboardInterrupt
-        written.append(path.name)
-        write(path, arrays)
-
-    monkeypatch.setattr(question_store_module, "write_split", failing)
-    with pytest.raises(KeyboardInterrupt):
-        question_store(cfg)
+    written, write = _interrupt_at_val(cfg, monkeypatch)
     path = question_file(cfg.DATASET_PATH, "train")
     questions = json.loads(path.read_text())
     questions["questions"][0]["question"] = "What colour is the small cat?"
