@@ -98,7 +98,7 @@ def test_bad_input_gives_one_message_and_no_answer(page, tiny_trained, png, tmp_
         (None, None, None, QUESTION): "upload an image (or its region features .npz), or pick one",
         (None, None, "val image -1", QUESTION): "'val image -1' is not one of the dataset's images",
         (None, _npz(tmp_path / "small.npz", 7), None, QUESTION):
-            f"small.npz: 'x' has shape (7, 4), expected ({tiny_trained.IMG_FEAT_SIZE}, N)",
+            f"small.npz: 'x' has shape (7, 4), and neither side is IMG_FEAT_SIZE {tiny_trained.IMG_FEAT_SIZE}",
         (str(tmp_path / "huge.png"), None, None, QUESTION): "huge.png is 8000x5001 pixels, more than the 40,000,000",
         (str(tmp_path / "bomb.png"), None, None, QUESTION): "bomb.png has more than the 40,000,000 pixels",
     }
@@ -232,7 +232,7 @@ def test_the_page_answers_in_a_real_browser_and_fetches_nothing_from_outside(ser
 
         for inputs, says in (({"image": str(tmp_path / "notes.png")}, "notes.png is not an image"),
                              ({"image": png, "question": ""}, "type a question, then press Ask"),
-                             ({"features": wrong_size}, "wrong.npz: 'x' has shape (7, 4), expected")):
+                             ({"features": wrong_size}, "wrong.npz: 'x' has shape (7, 4), and neither side is")):
             ask(**inputs)
             expect(web.locator("#message")).to_contain_text(says, timeout=20_000)
             expect(answers).not_to_contain_text(expected[0][0])
