@@ -19,14 +19,14 @@ import re
 import shutil
 import zipfile
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, Mapping
 
 import torch
 
 from accuvqa.config import Config
 from accuvqa.data.loader import run_vocab
 from accuvqa.data.vocab import Vocab
-from accuvqa.errors import CheckpointError, ConfigError
+from accuvqa.errors import CheckpointError, ConfigError, error_chain
 from accuvqa.files import atomic_write, write_json_atomic
 from accuvqa.models import build_model, model_spec
 
@@ -154,7 +154,7 @@ def save_run_checkpoint(cfg: Config, path: Path, state: dict[str, Any]) -> Path:
         # torch.save reports a full disk as a RuntimeError ("[enforce fail at inline_container.cc ...] unexpected
         # pos"), the OSError it met kept as its context
         free = shutil.disk_usage(path.parent).free if path.parent.is_dir() else 0
-        full = free < 2 * 2**20 or any(getattr(c, "errno", None) == errno.ENOSPC for c in _chain(e))
+        full = free < 2 * 2**20 or any(getattr(c, "errno", None) == errno.ENOSPC for c in error_chain(e))
         last = last_good if last_good else "none (nothing was saved yet)"
         if full:
             raise CheckpointError(f"no space left on the device while writing {path}: free some space or set "
@@ -168,15 +168,6 @@ def save_run_checkpoint(cfg: Config, path: Path, state: dict[str, Any]) -> Path:
             if old != path:
                 old.unlink(missing_ok=True)
     return path
-
-
-def _chain(error: BaseException | None) -> Iterator[BaseException]:
-    """`error` and its causes and contexts."""
-    seen: set[int] = set()
-    while error is not None and id(error) not in seen:
-        seen.add(id(error))
-        yield error
-        error = error.__cause__ or error.__context__
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:

@@ -1,5 +1,9 @@
 """Project error types: user errors that the CLI turns into one line and exit code 2."""
 
+from __future__ import annotations
+
+from typing import Iterator
+
 
 class AccuvqaError(Exception):
     """Base class of every error caused by user input (config, data, checkpoints)."""
@@ -25,3 +29,12 @@ class DataError(AccuvqaError):
 
 class CheckpointError(AccuvqaError):
     """A missing, corrupt or incompatible checkpoint."""
+
+
+def error_chain(error: BaseException | None) -> Iterator[BaseException]:
+    """`error` and its causes and contexts, each once."""
+    seen: set[int] = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        yield error
+        error = error.__cause__ or error.__context__

@@ -105,9 +105,10 @@ def train(cfg: Config) -> dict[str, Any]:
                      "processes); %s, %.2fM parameters; device %s", len(train_set), len(train_set.image_ids), n_batches,
                      effective_batch_text(cfg.BATCH_SIZE, accumulator.micro_batches, rt.world_size), cfg.MODEL_USE,
                      sum(p.numel() for p in model.parameters()) / 1e6, rt.device)
-            if rt.device.type == "cpu" and cfg.AMP == "off" and native_bf16_flags():  # a hint, never a switch
+            bf16 = native_bf16_flags() if rt.device.type == "cpu" and cfg.AMP == "off" else []
+            if bf16:  # a hint, never a switch
                 log.info("this CPU computes bf16 natively (%s): --AMP bf16 may train faster; it changes the numerics "
-                         "(docs/hardware.md)", ", ".join(native_bf16_flags()))
+                         "(docs/hardware.md)", ", ".join(bf16))
         for epoch in range(pos.epoch, cfg.MAX_EPOCH):
             batches = epoch_batches(len(train_set), cfg, epoch, rt, regions)
             bar = progress(total=len(batches), initial=pos.batches_done, desc=f"epoch {epoch + 1}/{cfg.MAX_EPOCH}",

@@ -24,7 +24,7 @@ from accuvqa.data.question_store import question_store
 from accuvqa.data.questions import QuestionArrays, encode_records
 from accuvqa.data.records import VG_FOLDERS, QuestionRecord, parse_splits
 from accuvqa.data.vocab import Vocab, load_answer_dict, load_token_dict
-from accuvqa.errors import AccuvqaError, CheckpointError, DataError
+from accuvqa.errors import AccuvqaError, CheckpointError, DataError, error_chain
 from accuvqa.models import model_spec
 from accuvqa.runtime import StopRequest
 
@@ -246,7 +246,7 @@ def _death(pid: Any, signal_name: str | None, code: int | None, at: str) -> Data
 def _torch_death(error: BaseException) -> tuple[str, str | None, int | None] | None:
     """(pids, signal name, exit code) from torch's RuntimeError about a dead worker (or one among its
     causes); None when it is about something else."""
-    found = [m for m in (_DEATH.search(str(e)) for e in _chain(error) if isinstance(e, RuntimeError)) if m]
+    found = [m for m in (_DEATH.search(str(e)) for e in error_chain(error) if isinstance(e, RuntimeError)) if m]
     if not found:
         return None
     pids, killed_by, code = next((m for m in found if m.group(2) or m.group(3)), found[0]).groups()
@@ -348,7 +348,7 @@ def _worker_batches(loader: torch.utils.data.DataLoader, n_batches: int) -> Iter
                 if death is None:
                     raise
                 # on_sigchld's error, else the exit code torch's check collected, else torch's words
-                error = (next((c for c in _chain(e) if isinstance(c, DataError)), None)
+                error = (next((c for c in error_chain(e) if isinstance(c, DataError)), None)
                          or _found_dead(it, where(), seconds=0.0) or _death(*death, where()))
             except (OSError, EOFError):  # the connection to a worker broke: did it die?
                 try:
@@ -376,12 +376,3 @@ def _worker_batches(loader: torch.utils.data.DataLoader, n_batches: int) -> Iter
         active = False
         if ours and signal.getsignal(signal.SIGCHLD) is on_sigchld:
             signal.signal(signal.SIGCHLD, torch_handler)
-
-
-def _chain(error: BaseException | None) -> Iterator[BaseException]:
-    """`error` and its causes / contexts."""
-    seen = set()
-    while error is not None and id(error) not in seen:
-        seen.add(id(error))
-        yield error
-        error = error.__cause__ or error.__context__

@@ -98,11 +98,11 @@ def question_store(cfg: Config, progress: Callable[[Sequence, str], Iterable] | 
         return _build(cfg, partial, progress)
 
     plan = _plan(cfg)
-    if (cfg.DATASET == "easyvqa" and not question_file(cfg.DATASET_PATH, "train").is_file()
-            and why_stale(store_dir(cfg), plan, _sources(cfg)) is not None):
+    stale = why_stale(store_dir(cfg), plan, _sources(cfg)) is not None
+    if cfg.DATASET == "easyvqa" and not question_file(cfg.DATASET_PATH, "train").is_file() and stale:
         log.info("writing the bundled easy-VQA data to %s and %s first", cfg.DATASET_PATH, cfg.FEATURE_PATH)
         prepare_easyvqa(cfg, progress=progress)
-    elif why_stale(store_dir(cfg), plan, _sources(cfg)) is not None:
+    elif stale:
         for split in parse_splits(cfg.TRAIN_SPLIT):  # a wrong DATASET_PATH is named before any "building" line
             if not question_file(cfg.DATASET_PATH, split).is_file() and (
                     not cfg.ANSWER_DICT_PATH or not store_splits(cfg)):
