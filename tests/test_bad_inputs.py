@@ -252,7 +252,7 @@ CASES: dict[str, Callable[[Path], tuple[list[str], str | tuple[str, ...]]]] = {
         (["val", *GOOD], "question arrays vqa/train.qa/val.npz cannot be read")),
     # --- config and command line
     "unknown_dataset": lambda w: (
-        ["train", *NEW, "--DATASET", "coco"], "DATASET must be 'vqa' or 'easyvqa', got 'coco'"),
+        ["train", *NEW, "--DATASET", "coco"], ("DATASET must be one of vqa, easyvqa, folder", "got 'coco'")),
     "unknown_split": lambda w: (
         ["train", *NEW, "--TRAIN_SPLIT", "train+vall"], "unknown split 'vall' in 'train+vall' (did you mean 'val'?)"),
     "unknown_model": lambda w: (

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+import accuvqa.data.layout as layout_module
 import accuvqa.data.question_store as question_store_module
 import accuvqa.data.records as records_module
 from accuvqa.config import load_config
@@ -138,7 +139,7 @@ def test_with_the_json_moved_away_the_store_stays_current_and_no_json_is_read(cf
     def no_json(*args, **kwargs):
         raise AssertionError("the JSON was read although the store is current")
 
-    monkeypatch.setattr(question_store_module, "load_split", no_json)
+    monkeypatch.setattr(layout_module, "load_split", no_json)
     monkeypatch.setattr(records_module, "load_split", no_json)
     for split, expected in records.items():
         arrays = load_questions(cfg, split, need_answers=split != "test")
@@ -236,7 +237,7 @@ def test_arrays_encoded_with_other_dictionaries_than_the_run_are_encoded_again_f
         raise AssertionError("the JSON was read")
 
     monkeypatch.setattr(records_module, "load_split", no_json)
-    monkeypatch.setattr(question_store_module, "load_split", no_json)
+    monkeypatch.setattr(layout_module, "load_split", no_json)
     arrays = load_questions(cfg, "val", need_answers=True)
     again = arrays.encoded_with(other, cfg.MAX_TOKEN)
     assert again.vocab == other and arrays.vocab == vocab and again is not arrays
@@ -275,7 +276,7 @@ def test_training_from_a_current_store_reads_no_json_and_equals_a_run_that_built
         raise AssertionError("the JSON was read although the store is current")
 
     monkeypatch.setattr(records_module, "load_split", no_json)
-    monkeypatch.setattr(question_store_module, "load_split", no_json)
+    monkeypatch.setattr(layout_module, "load_split", no_json)
     train(run.replace(VERSION="current"))
     metrics = [json.loads((tmp_path / "res" / v / "metrics.jsonl").read_text()) for v in ("built", "current")]
     assert metrics[0] == metrics[1] and metrics[0]["split"] == "val"

@@ -40,7 +40,9 @@ class Config:
     VERBOSE: bool = _run(True, "print progress and log lines")
 
     # --- data
-    DATASET: str = _data("vqa", "vqa: VQA v2 layout at DATASET_PATH / FEATURE_PATH; easyvqa: the bundled easy-VQA")
+    DATASET: str = _data("vqa", "vqa: VQA v2 layout at DATASET_PATH / FEATURE_PATH; easyvqa: the bundled easy-VQA; "
+                                "folder: your images and questions at DATASET_PATH (metadata.jsonl or Parquet, "
+                                "docs/own-data.md), features extracted into FEATURE_PATH")
     DATASET_PATH: str = _data("datasets/vqa", "folder of the VQA v2 question and annotation JSON files")
     FEATURE_PATH: str = _data("datasets/coco_extract",
                               "folder with train2014/, val2014/, test2015/ of region features (.npz)")
@@ -101,6 +103,20 @@ class Config:
     TOKEN_DICT_PATH: Optional[str] = _data(None, "pin the token dictionary to this JSON file ({token: id})")
     ANSWER_DICT_PATH: Optional[str] = _data(
         None, "pin the answer dictionary to this file (mcan-vqa's answer_dict.json)")
+    ANSWER_MIN_COUNT: int = _data(8, "an answer enters the answer dictionary when it is some training question's "
+                                     "most common answer more than this many times (mcan-vqa: 8)")
+
+    # --- feature extraction (accuvqa extract; prepare of DATASET folder): grid features of a ResNet-style backbone
+    BACKBONE: str = _data("resnet50", "resnet50, resnet101, resnet152, resnext50_32x4d, resnext101_32x8d, "
+                                      "resnext101_64x4d, wide_resnet50_2 or wide_resnet101_2 (torchvision's)")
+    BACKBONE_LAYER: str = _data("c5", "c5: the last stage's map, 2048-d regions (grid-feats-vqa); c4: layer3, "
+                                      "1024-d regions (openvqa's CLEVR features)")
+    BACKBONE_WEIGHTS: str = _data("", "the backbone's weights: a state-dict file (torchvision's load strictly) or "
+                                      "a torchvision weights name such as ResNet50_Weights.IMAGENET1K_V2 (downloaded "
+                                      "where the machine is online); '': none, an error")
+    EXTRACT_RESIZE: str = _data("square:448", "square:N resizes each image to N x N (N/32 squared grid cells: 196 at "
+                                              "448); short:N resizes its shorter side to N, keeping its shape")
+    EXTRACT_BATCH_SIZE: int = _data(8, "images per forward pass of the backbone")
 
     # the model's own keys: an instance of the dataclass its registration declares
     model_keys: Any = field(default=None, repr=False)
@@ -144,6 +160,8 @@ class Config:
         return dataclasses.replace(_build(values, {k: "replace()" for k in changes}), ignored=self.ignored)
 
 
+# the DATASET values: each names a reader under data/ (data/layout.py picks it)
+DATASETS = ("vqa", "easyvqa", "folder")
 KEYS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(Config) if f.name not in ("model_keys", "ignored"))
 # the keys that name a checkpoint of another run or epoch: counted only from the command line (or a Python
 # caller's overrides), never from a config file, so a preset (mcan-vqa's small.yml says CKPT_VERSION small,
@@ -260,11 +278,13 @@ def _validate(cfg: Config, sources: Mapping[str, str]) -> None:
         raise ConfigError(f"LOSS_FUNC must be 'bce' or 'kld', got {cfg.LOSS_FUNC!r}{where('LOSS_FUNC')}")
     if cfg.AMP not in ("off", "bf16", "fp16"):
         raise ConfigError(f"AMP must be off, bf16 or fp16, got {cfg.AMP!r}{where('AMP')}")
-    if cfg.DATASET not in ("vqa", "easyvqa"):
-        raise ConfigError(f"DATASET must be 'vqa' or 'easyvqa', got {cfg.DATASET!r}")
+    if cfg.DATASET not in DATASETS:
+        close = difflib.get_close_matches(str(cfg.DATASET), DATASETS, n=1)
+        raise ConfigError(f"DATASET must be one of {', '.join(DATASETS)}, got {cfg.DATASET!r}{where('DATASET')}"
+                          + (f" (did you mean {close[0]!r}?)" if close else ""))
     if not 0.0 < cfg.VAL_FRACTION < 1.0:
         raise ConfigError(f"VAL_FRACTION must be in (0, 1), got {cfg.VAL_FRACTION}")
-    for key in ("NUM_WORKERS", "CKPT_EVERY_STEPS", "KEEP_CKPTS", "BUCKET_WINDOW"):
+    for key in ("NUM_WORKERS", "CKPT_EVERY_STEPS", "KEEP_CKPTS", "BUCKET_WINDOW", "ANSWER_MIN_COUNT"):
         if getattr(cfg, key) < 0:
             raise ConfigError(f"{key} must be >= 0, got {getattr(cfg, key)}{where(key)}")
     require_positive(cfg, ["MAX_BAD_UPDATES", "LOG_EVERY_STEPS", "DIST_TIMEOUT"], where)

@@ -1,4 +1,5 @@
-"""`accuvqa prepare`: write the bundled easy-VQA in the VQA v2 layout, or check a VQA v2 tree; then build
+"""`accuvqa prepare`: write the bundled easy-VQA in the VQA v2 layout, check a VQA v2 tree, or check your own
+images and questions and extract their features (DATASET folder); then build
 the stores every other command reads: the question arrays and the packed features (commands also
 build them themselves on first use; prepare does it ahead of time, with a summary)."""
 
@@ -16,7 +17,16 @@ from accuvqa.runlog import print_table
 def main(cfg: Config, args: argparse.Namespace) -> int:
     """DATASET easyvqa: write it; DATASET vqa: validate the tree. Then build the stores every command reads
     (the question arrays, the packed features) and print a summary."""
-    if cfg.DATASET != "easyvqa":
+    if cfg.DATASET == "folder":
+        from accuvqa.data.folder import prepare_folder
+
+        summary = prepare_folder(cfg)
+        print_table(f"your images and questions at {cfg.DATASET_PATH}, features in {cfg.FEATURE_PATH}", {
+            split: (f"{v['images']} images, {v['extracted now']} extracted now"
+                    + (f", {len(v['unreadable'])} unreadable: {', '.join(v['unreadable'])}" if v["unreadable"] else ""))
+            for split, v in summary.items()})
+        folders = list(summary)
+    elif cfg.DATASET != "easyvqa":
         from accuvqa.data.validate import validate_vqa_tree
 
         summary = validate_vqa_tree(cfg)
@@ -48,11 +58,15 @@ def _build_stores(cfg: Config, folders: list[str]) -> None:
     def size(folder: Path) -> str:
         return f"{sum(p.stat().st_size for p in folder.iterdir()) / 2**20:.1f} MiB"
 
+    from accuvqa.data.layout import dataset_layout
+
     show = build_progress(cfg.VERBOSE)
+    layout = dataset_layout(cfg)
     store = question_store(cfg, progress=show)
     rows = {"questions": f"{store.path} ({size(store.path)}; " + ", ".join(
         f"{split} {n}" for split, n in store.meta["questions"].items()) + ")"}
     for folder in folders:
-        path = pack_folder(cfg.FEATURE_PATH, folder, cfg.IMG_FEAT_SIZE, progress=show, store_path=cfg.STORE_PATH)
+        path = pack_folder(cfg.FEATURE_PATH, folder, cfg.IMG_FEAT_SIZE, progress=show, store_path=cfg.STORE_PATH,
+                           layout=layout)
         rows[folder] = f"{path} ({size(path)})"
     print_table("prepared stores (the only data train, val, test, check, predict and serve read)", rows)

@@ -94,8 +94,9 @@ def restore_rng(state: dict[str, Any]) -> None:
 
 
 def checkpoint_state(cfg: Config, model: torch.nn.Module, accumulator: GradientAccumulator, vocab: Vocab,
-                     position: Position, lr_base: float) -> dict[str, Any]:
-    """What a checkpoint holds: mcan-vqa's keys plus what an exact resume needs (`model` unwrapped)."""
+                     position: Position, lr_base: float, extractor: dict[str, Any] | None = None) -> dict[str, Any]:
+    """What a checkpoint holds: mcan-vqa's keys plus what an exact resume needs (`model` unwrapped), and the
+    extractor that computed the training features from images (`accuvqa extract`; None when unknown)."""
     return {
         "state_dict": model.state_dict(),
         "optimizer": accumulator.optimizer.state_dict(),
@@ -110,6 +111,7 @@ def checkpoint_state(cfg: Config, model: torch.nn.Module, accumulator: GradientA
         "token_to_ix": vocab.token_to_ix,
         "ans_to_ix": vocab.ans_to_ix,
         "vocab_fingerprint": vocab.fingerprint(),
+        "extractor": extractor,
     }
 
 

@@ -26,7 +26,7 @@ from accuvqa.checkpoint import (checkpoint_path, guard_new_run, latest_checkpoin
 from accuvqa.config import Config
 from accuvqa.data.loader import (batch_loader, epoch_batches, load_questions, make_dataset, run_vocab, sample_regions,
                                  validation_set)
-from accuvqa.data.vocab import Vocab
+from accuvqa.data.dataset import VQADataset
 from accuvqa.data.word_vectors import load_pretrained_embedding
 from accuvqa.errors import CheckpointError, ConfigError, DataError, Stopped
 from accuvqa.evaluate import evaluate_split, record_metrics
@@ -136,14 +136,14 @@ def train(cfg: Config) -> dict[str, Any]:
                 stopping = stop.requested(rt)
                 if done < len(batches) and (stopping or (cfg.CKPT_EVERY_STEPS and pos.step % cfg.CKPT_EVERY_STEPS == 0)):
                     path = _save(cfg, rt, step_checkpoint_path(cfg.CKPTS_PATH, cfg.run_version, pos.step),
-                                 model, accumulator, vocab, running.at(pos, done), epoch)
+                                 model, accumulator, train_set, running.at(pos, done), epoch)
                     runlog.note(f"update {pos.step} (epoch {epoch + 1}): saved {path}")
                     if stopping:
                         bar.close()
                         _stop(stop, path, pos.step, epoch)
             if done < len(batches):  # the loader ended early: the group's stop signal ended its workers
                 path = _save(cfg, rt, step_checkpoint_path(cfg.CKPTS_PATH, cfg.run_version, pos.step),
-                             model, accumulator, vocab, running.at(pos, done), epoch)
+                             model, accumulator, train_set, running.at(pos, done), epoch)
                 bar.close()
                 _stop(stop, path, pos.step, epoch)
             bar.close()
@@ -155,7 +155,7 @@ def train(cfg: Config) -> dict[str, Any]:
                    f"{(len(batches) - already) * cfg.BATCH_SIZE / seconds:.0f} samples/s")
             pos = pos.next_epoch()
             path = _save(cfg, rt, checkpoint_path(cfg.CKPTS_PATH, cfg.run_version, epoch + 1),
-                         model, accumulator, vocab, pos, epoch)
+                         model, accumulator, train_set, pos, epoch)
             if rt.is_main and eval_set is None:
                 record_metrics(cfg, "train", epoch + 1, pos.step, None, None, epoch_train)
             if eval_set is not None:  # every process predicts its share; the first scores and logs
@@ -183,11 +183,12 @@ def train(cfg: Config) -> dict[str, Any]:
 
 
 def _save(cfg: Config, rt: Runtime, path: Path, model: torch.nn.Module, accumulator: GradientAccumulator,
-          vocab: Vocab, pos: Position, epoch: int) -> Path:
-    """Save a resumable checkpoint on the first process; the others wait for it."""
+          train_set: VQADataset, pos: Position, epoch: int) -> Path:
+    """Save a resumable checkpoint on the first process (with the training set's dictionaries and feature
+    extractor); the others wait for it."""
     if rt.is_main:
-        save_run_checkpoint(cfg, path, checkpoint_state(cfg, unwrap(model), accumulator, vocab, pos,
-                                                        lr_base_at(cfg, epoch)))
+        save_run_checkpoint(cfg, path, checkpoint_state(cfg, unwrap(model), accumulator, train_set.questions.vocab,
+                                                        pos, lr_base_at(cfg, epoch), train_set.extractor))
     if rt.world_size > 1:
         torch.distributed.barrier()
     return path

@@ -55,12 +55,16 @@ def file_state(path: Path) -> list[int] | None:
     return [st.st_size, st.st_mtime_ns]
 
 
-def folder_state(folder: Path, suffix: str = ".npz") -> dict[str, Any] | None:
-    """{"files", "hash"} of the `suffix` files in a source folder (names, sizes, modification times);
-    None when the folder is absent or holds none."""
+def folder_state(folder: Path, suffix: str = ".npz", recursive: bool = False) -> dict[str, Any] | None:
+    """{"files", "hash"} of the `suffix` files in a source folder, or in it and its subfolders when
+    `recursive` (paths relative to it, sizes, modification times); None when the folder is absent or holds none."""
     try:
-        entries = sorted((e.name, e.stat().st_size, e.stat().st_mtime_ns)
-                         for e in os.scandir(folder) if e.name.endswith(suffix))
+        if recursive:
+            entries = sorted((str(path.relative_to(folder)), path.stat().st_size, path.stat().st_mtime_ns)
+                             for path in folder.rglob(f"*{suffix}") if path.is_file())
+        else:
+            entries = sorted((e.name, e.stat().st_size, e.stat().st_mtime_ns)
+                             for e in os.scandir(folder) if e.name.endswith(suffix))
     except OSError:
         return None
     if not entries:

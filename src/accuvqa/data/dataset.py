@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from typing import Mapping, Sequence
 
@@ -10,7 +11,7 @@ import torch
 
 from accuvqa.config import Config
 from accuvqa.data.feature_store import PackedFeatures
-from accuvqa.data.features import feature_file
+from accuvqa.data.layout import Layout, VQALayout
 from accuvqa.data.questions import QuestionArrays
 from accuvqa.errors import DataError
 
@@ -41,7 +42,7 @@ class VQADataset(torch.utils.data.Dataset):
     """
 
     def __init__(self, cfg: Config, questions: QuestionArrays, features: Mapping[int, PackedFeatures],
-                 boxes: bool = False) -> None:
+                 boxes: bool = False, layout: Layout | None = None) -> None:
         # the questions as arrays (no object per question, so loader workers share them as they are)
         self.questions = questions
         self.boxes = boxes
@@ -58,12 +59,19 @@ class VQADataset(torch.utils.data.Dataset):
             raise DataError(
                 f"no features for image {self.questions.image_id[first]} (question "
                 f"{self.questions.question_id[first]}): expected "
-                f"{feature_file(cfg.FEATURE_PATH, folder or 'train2014', int(self.questions.image_id[first]))} "
+                f"{(layout or VQALayout(cfg)).feature_file(folder, int(self.questions.image_id[first]))} "
                 f"in its folder when the packed feature store was built; "
                 f"{len(missing)} image(s) of {int(lacking.sum())} question(s) lack one")
         self.question_row = np.searchsorted(self.image_ids, self.questions.image_id)  # (N,) image row of each question
         self.stores = [features[iid] for iid in self.image_ids]  # each image's folder's packed store
         self.regions = np.array([s.count(i) for s, i in zip(self.stores, self.image_ids)], dtype=np.int64)
+        specs = {json.dumps(s.extractor, sort_keys=True): s for s in set(self.stores)}
+        if len(specs) > 1:
+            paths = ", ".join(str(s.path) for s in specs.values())
+            raise DataError(f"the features of {paths} come from different extractors (their meta.json 'extractor'): "
+                            f"extract every split with the same BACKBONE, BACKBONE_LAYER, EXTRACT_RESIZE and weights")
+        # how the features were computed from the images (`accuvqa extract`), None when unknown
+        self.extractor = next(iter(specs.values())).extractor if specs else None
         _warn_cut(self.regions, self.questions.n_tokens, cfg, self.questions.split_names())
 
     def __len__(self) -> int:

@@ -25,12 +25,14 @@ import numpy as np
 
 from accuvqa.data.build import Partial, build_progress, ensure_store, folder_state, store_home, why_stale
 from accuvqa.data.features import feature_shape, index_features, read_features, region_count
+from accuvqa.data.layout import Layout
 from accuvqa.errors import DataError
 from accuvqa.files import write_json_atomic
 
 FORMAT = 2
 _SAVE_EVERY = 2000  # images between progress marks of an interrupted packing
 WHAT = "packed feature store"
+EXTRACTOR_FILE = "extractor.json"  # what `accuvqa extract` writes beside the features it extracts
 _FEATURE_FILE = re.compile(r"COCO_(\w+?)_(\d+)\.jpg\.npz")
 
 
@@ -40,20 +42,25 @@ def store_dir(feature_path: str | Path, folder: str, store_path: str = "") -> Pa
 
 
 def pack_folder(feature_path: str | Path, folder: str, feat_size: int,
-                progress: Callable[[Sequence, str], Iterable] = build_progress(False), store_path: str = "") -> Path:
-    """The current packed store of one feature folder, packed first when missing or stale."""
+                progress: Callable[[Sequence, str], Iterable] = build_progress(False), store_path: str = "",
+                layout: Layout | None = None) -> Path:
+    """The current packed store of one feature folder, packed first when missing or stale. `layout` says how
+    the folder's files map to image ids (default: VQA v2's `COCO_<folder>_<id>.jpg.npz`)."""
     source = Path(feature_path) / folder
+    index = (lambda: layout.index_features(folder)) if layout is not None else (
+        lambda: index_features(feature_path, [folder]))
+    recursive = bool(getattr(layout, "recursive", False))
     if not source.is_dir() and not (store_dir(feature_path, folder, store_path) / "meta.json").is_file():
-        index_features(feature_path, [folder])  # the DataError naming the folder (and FEATURE_PATH), nothing written
+        index()  # the DataError naming the folder (and FEATURE_PATH), nothing written
     return ensure_store(store_dir(feature_path, folder, store_path), {"format": FORMAT, "feat_size": feat_size},
-                        lambda: {str(source.resolve()): folder_state(source)},
-                        lambda partial: _pack(partial, feature_path, folder, feat_size, progress), WHAT)
+                        lambda: {str(source.resolve()): folder_state(source, recursive=recursive)},
+                        lambda partial: _pack(partial, feature_path, folder, feat_size, progress, index), WHAT)
 
 
 def _pack(partial: Partial, feature_path: str | Path, folder: str, feat_size: int,
-          progress: Callable[[Sequence, str], Iterable]) -> Path:
+          progress: Callable[[Sequence, str], Iterable], index: Callable[[], dict[int, Path]]) -> Path:
     """Write the store into `partial` (see the module docstring), resuming an interrupted packing."""
-    paths = index_features(feature_path, [folder])
+    paths = index()
     image_ids = np.array(sorted(paths), dtype=np.int64)
     progress_file = partial.path / "progress.json"
     done = 0
@@ -98,7 +105,18 @@ def _pack(partial: Partial, feature_path: str | Path, folder: str, feat_size: in
              boxes=np.load(partial.path / "boxes.npy"), sizes=sizes)
     for name in ("boxes.npy", "offsets.npy", "sizes.npy", "progress.json"):
         (partial.path / name).unlink(missing_ok=True)
-    return partial.finish(images=len(image_ids), regions=int(offsets[-1]), feature_path=str(feature_path))
+    extractor = _extractor(Path(feature_path) / folder)
+    return partial.finish(images=len(image_ids), regions=int(offsets[-1]), feature_path=str(feature_path),
+                          **({"extractor": extractor} if extractor else {}))
+
+
+def _extractor(source: Path) -> dict | None:
+    """The extractor `accuvqa extract` recorded for a folder's features (its extractor.json), None without one."""
+    try:
+        spec = json.loads((source / EXTRACTOR_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    return spec if isinstance(spec, dict) else None
 
 
 class PackedFeatures:
@@ -116,6 +134,7 @@ class PackedFeatures:
             raise DataError(f"packed feature store {path} cannot be read ({e}); delete it: the next command "
                             f"packs it again") from e
         plan = meta.get("plan", {}) if isinstance(meta, dict) else {}
+        self.extractor = meta.get("extractor") if isinstance(meta, dict) else None  # the extract spec, if any
         if plan.get("format") != FORMAT or plan.get("feat_size") != feat_size:
             raise DataError(f"packed feature store {path} holds features of size {plan.get('feat_size')} "
                             f"(format {plan.get('format')}), not IMG_FEAT_SIZE {feat_size}; delete it: the next "
@@ -180,11 +199,12 @@ def dataset_image(feature_path: str | Path, path: str | Path, feat_size: int, st
 
 
 def open_features(feature_path: str | Path, folders: Sequence[str], feat_size: int, preload: bool = False,
-                  store_path: str = "", progress: Callable[[Sequence, str], Iterable] = build_progress(False)
-                  ) -> dict[int, PackedFeatures]:
+                  store_path: str = "", progress: Callable[[Sequence, str], Iterable] = build_progress(False),
+                  layout: Layout | None = None) -> dict[int, PackedFeatures]:
     """image id -> its folder's packed store, over `folders` (each packed first when missing or stale)."""
     stores: dict[int, PackedFeatures] = {}
     for folder in folders:
-        store = PackedFeatures(pack_folder(feature_path, folder, feat_size, progress, store_path), feat_size, preload)
+        store = PackedFeatures(pack_folder(feature_path, folder, feat_size, progress, store_path, layout),
+                               feat_size, preload)
         stores.update(dict.fromkeys(store.row, store))
     return stores

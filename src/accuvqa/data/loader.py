@@ -22,7 +22,8 @@ from accuvqa.data.dataset import VQADataset
 from accuvqa.data.feature_store import open_features
 from accuvqa.data.question_store import question_store
 from accuvqa.data.questions import QuestionArrays, encode_records
-from accuvqa.data.records import VG_FOLDERS, QuestionRecord, parse_splits
+from accuvqa.data.layout import dataset_layout
+from accuvqa.data.records import QuestionRecord, parse_splits
 from accuvqa.data.vocab import Vocab, load_answer_dict, load_token_dict
 from accuvqa.errors import AccuvqaError, CheckpointError, DataError, error_chain
 from accuvqa.models import model_spec
@@ -42,14 +43,15 @@ def make_dataset(cfg: Config, questions: QuestionArrays | Sequence[QuestionRecor
     missing or stale). Its batches carry region boxes (`bbox`) when the configured model's inputs name them."""
     questions = (questions.encoded_with(vocab, cfg.MAX_TOKEN) if isinstance(questions, QuestionArrays)
                  else encode_records(questions, vocab, cfg.MAX_TOKEN))
+    layout = dataset_layout(cfg)
     used = questions.folders
     folders = {f for f in used if f}
-    if not folders or "" in used:
-        folders |= set(VG_FOLDERS)
+    if not folders or "" in used:  # Visual Genome's questions sit on images of other splits
+        folders |= set(layout.feature_folders("vg"))
     features = open_features(cfg.FEATURE_PATH, sorted(folders), cfg.IMG_FEAT_SIZE, preload=cfg.PRELOAD,
-                             store_path=cfg.STORE_PATH, progress=build_progress(cfg.VERBOSE))
+                             store_path=cfg.STORE_PATH, progress=build_progress(cfg.VERBOSE), layout=layout)
     boxes = "bbox" in model_spec(cfg.MODEL_USE).inputs  # region boxes only for a model that reads them
-    return VQADataset(cfg, questions, features, boxes=boxes)
+    return VQADataset(cfg, questions, features, boxes=boxes, layout=layout)
 
 
 def validation_set(cfg: Config, vocab: Vocab) -> VQADataset | None:

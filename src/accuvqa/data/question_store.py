@@ -45,13 +45,8 @@ from accuvqa.data.questions import (
     encode_records,
     strings_to_arrays,
 )
-from accuvqa.data.records import (
-    LAYOUT_HINT,
-    annotation_file,
-    load_split,
-    parse_splits,
-    question_file,
-)
+from accuvqa.data.layout import Layout, dataset_layout
+from accuvqa.data.records import parse_splits
 from accuvqa.data.vocab import Vocab, build_vocab
 from accuvqa.errors import DataError
 from accuvqa.files import write_json_atomic
@@ -69,23 +64,25 @@ def store_dir(cfg: Config) -> Path:
     return store_home(cfg.STORE_PATH, cfg.DATASET_PATH) / f"{'+'.join(parse_splits(cfg.TRAIN_SPLIT))}.qa"
 
 
-def store_splits(cfg: Config) -> list[str]:
-    """The splits a run of this TRAIN_SPLIT reads: its parts, then val and test when their question files exist."""
+def store_splits(cfg: Config, layout: Layout | None = None) -> list[str]:
+    """The splits a run of this TRAIN_SPLIT reads: its parts, then val and test when the dataset has them."""
+    layout = layout or dataset_layout(cfg)
     splits = parse_splits(cfg.TRAIN_SPLIT)
     splits += [s for s in ("val", "test") if s not in splits]
-    return [s for s in splits if question_file(cfg.DATASET_PATH, s).is_file()]
+    return [s for s in splits if layout.has_split(s)]
 
 
 def _plan(cfg: Config) -> dict[str, Any]:
-    return {"format": FORMAT, "TRAIN_SPLIT": parse_splits(cfg.TRAIN_SPLIT), "MAX_TOKEN": cfg.MAX_TOKEN,
+    plan = {"format": FORMAT, "TRAIN_SPLIT": parse_splits(cfg.TRAIN_SPLIT), "MAX_TOKEN": cfg.MAX_TOKEN,
             "TOKEN_DICT_PATH": cfg.TOKEN_DICT_PATH, "ANSWER_DICT_PATH": cfg.ANSWER_DICT_PATH}
+    if cfg.ANSWER_MIN_COUNT != 8 or cfg.DATASET != "vqa":  # stores built before the key existed stay current
+        plan.update(DATASET=cfg.DATASET, ANSWER_MIN_COUNT=cfg.ANSWER_MIN_COUNT)
+    return plan
 
 
-def _sources(cfg: Config) -> dict[str, Any]:
+def _sources(cfg: Config, layout: Layout) -> dict[str, Any]:
     """Every file the store is built from (the token dictionary reads all question files there are)."""
-    files = [question_file(cfg.DATASET_PATH, s) for s in ALL_SPLITS]
-    files += [annotation_file(cfg.DATASET_PATH, s) for s in ALL_SPLITS]
-    files += [Path(p) for p in (cfg.TOKEN_DICT_PATH, cfg.ANSWER_DICT_PATH) if p]
+    files = layout.sources() + [Path(p) for p in (cfg.TOKEN_DICT_PATH, cfg.ANSWER_DICT_PATH) if p]
     return {str(path.resolve()): file_state(path) for path in files}
 
 
@@ -93,40 +90,39 @@ def question_store(cfg: Config, progress: Callable[[Sequence, str], Iterable] | 
     """The current store of cfg's TRAIN_SPLIT, built first when missing or stale (for DATASET easyvqa, after
     writing the bundled data when it is not there yet)."""
     progress = progress or build_progress(cfg.VERBOSE)
+    layout = dataset_layout(cfg)
 
     def build(partial: Partial) -> Path:
-        return _build(cfg, partial, progress)
+        return _build(cfg, layout, partial, progress)
 
     plan = _plan(cfg)
-    stale = why_stale(store_dir(cfg), plan, _sources(cfg)) is not None
-    if cfg.DATASET == "easyvqa" and not question_file(cfg.DATASET_PATH, "train").is_file() and stale:
+    stale = why_stale(store_dir(cfg), plan, _sources(cfg, layout)) is not None
+    if cfg.DATASET == "easyvqa" and not layout.has_split("train") and stale:
         log.info("writing the bundled easy-VQA data to %s and %s first", cfg.DATASET_PATH, cfg.FEATURE_PATH)
         prepare_easyvqa(cfg, progress=progress)
     elif stale:
         for split in parse_splits(cfg.TRAIN_SPLIT):  # a wrong DATASET_PATH is named before any "building" line
-            if not question_file(cfg.DATASET_PATH, split).is_file() and (
-                    not cfg.ANSWER_DICT_PATH or not store_splits(cfg)):
-                load_split(cfg.DATASET_PATH, split, need_answers=False)  # raises the DataError naming the file
-    path = ensure_store(store_dir(cfg), plan, lambda: _sources(cfg), build, WHAT)
-    return QuestionStore(path)
+            if not layout.has_split(split) and (not cfg.ANSWER_DICT_PATH or not store_splits(cfg, layout)):
+                layout.load_split(split, need_answers=False)  # raises the DataError naming the file
+    path = ensure_store(store_dir(cfg), plan, lambda: _sources(cfg, layout), build, WHAT)
+    return QuestionStore(path, layout)
 
 
-def _build(cfg: Config, partial: Partial, progress: Callable[[Sequence, str], Iterable]) -> Path:
-    """Read the JSON once; write the dictionaries, then each split's arrays (kept when resumed)."""
-    splits = store_splits(cfg)
+def _build(cfg: Config, layout: Layout, partial: Partial, progress: Callable[[Sequence, str], Iterable]) -> Path:
+    """Read the questions once; write the dictionaries, then each split's arrays (kept when resumed)."""
+    splits = store_splits(cfg, layout)
     answers_from = [] if cfg.ANSWER_DICT_PATH else parse_splits(cfg.TRAIN_SPLIT)  # the answer dictionary's splits
-    records = {s: load_split(cfg.DATASET_PATH, s, need_answers=s in answers_from)
-               for s in progress(splits, "read json")}
+    records = {s: layout.load_split(s, need_answers=s in answers_from)
+               for s in progress(splits, "read questions")}
     vocab_file = partial.path / "vocab.json"
     if partial.resumed and vocab_file.is_file():
         vocab = Vocab(*json.loads(vocab_file.read_text()))
     else:
         questions = None if cfg.TOKEN_DICT_PATH else [
-            r.question for s in ALL_SPLITS if question_file(cfg.DATASET_PATH, s).is_file()
-            for r in (records[s] if s in records else load_split(cfg.DATASET_PATH, s, need_answers=False,
-                                                                 allow_empty=True))]
+            r.question for s in ALL_SPLITS if layout.has_split(s)
+            for r in (records[s] if s in records else layout.load_split(s, need_answers=False, allow_empty=True))]
         train = [r for s in answers_from  # a missing part is named by load_split
-                 for r in (records[s] if s in records else load_split(cfg.DATASET_PATH, s, need_answers=True))]
+                 for r in (records[s] if s in records else layout.load_split(s, need_answers=True))]
         vocab = build_vocab(cfg, train, questions=questions)  # a DataError (no answer kept) before any split
         write_json_atomic(vocab_file, [vocab.token_to_ix, vocab.ans_to_ix])
     for split in progress(splits, "encode questions"):
@@ -157,10 +153,10 @@ def read_split(path: Path, vocab: Vocab, split: str) -> QuestionArrays:
 class QuestionStore:
     """A current store: its dictionaries, and each split's arrays."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, layout: Layout) -> None:
         self.path = path
+        self.layout = layout  # the dataset's files, named in messages
         self.meta = read_meta(path) or {}
-        self.dataset_path = Path(self.meta.get("dataset_path", path.parent))  # where its JSON was
 
     @property
     def vocab(self) -> Vocab:
@@ -194,8 +190,8 @@ class QuestionStore:
         parts, vocab = [], self.vocab
         for split in parse_splits(split_spec):
             if split not in self.splits:
-                raise DataError(f"missing {split} question file {question_file(self.dataset_path, split)} (the "
-                                f"{WHAT} {self.path} holds {', '.join(self.splits)}); {LAYOUT_HINT}")
+                raise DataError(f"missing {split} question file {self.layout.split_file(split)} (the "
+                                f"{WHAT} {self.path} holds {', '.join(self.splits)}); {self.layout.hint}")
             path = self.path / f"{split}.npz"
             try:
                 part = read_split(path, vocab, split)
@@ -204,6 +200,6 @@ class QuestionStore:
                                 f"builds it again") from e
             if need_answers and not part.annotated.all():
                 qid = int(part.question_id[np.argmin(part.annotated)])
-                raise DataError(f"{annotation_file(self.dataset_path, split)}: no annotation for question_id {qid}")
+                raise DataError(f"{self.layout.answers_file(split)}: no annotation for question_id {qid}")
             parts.append(part)
         return concat(parts, split_spec)

@@ -122,7 +122,7 @@ class QuestionArrays:
         """'train+val' etc.: the splits these questions come from, by their feature folders."""
         split_of = {folder: split for split, folder in FOLDERS.items()}
         used = np.unique(self.folder).tolist()
-        return "+".join(split_of.get(self.folders[f], "vg") for f in used)
+        return "+".join(split_of.get(self.folders[f], self.folders[f] or "vg") for f in used)
 
     def encoded_with(self, vocab: Vocab, max_token: int) -> QuestionArrays:
         """These questions with tokens and targets encoded with `vocab` (from the text and raw answers kept)."""

@@ -19,8 +19,6 @@ from accuvqa.metrics import normalize_answer
 
 PAD, UNK = 0, 1
 _DROP = re.compile(r"[.,'!?\"()*#:;]")
-# mcan-vqa: an answer enters the dictionary when seen more than this many times in training.
-ANSWER_MIN_COUNT = 8
 
 
 def tokenize(question: str) -> list[str]:
@@ -56,14 +54,14 @@ def prep_answer(answer: str) -> str:
     return normalize_answer(answer).replace(",", "")
 
 
-def build_answer_dict(most_common_answers: Iterable[str]) -> tuple[dict[str, int], dict[str, str]]:
+def build_answer_dict(most_common_answers: Iterable[str], min_count: int = 8) -> tuple[dict[str, int], dict[str, str]]:
     """mcan-vqa's `[ans_to_ix, ix_to_ans]` from each training question's most common answer.
 
     Answers are normalised as the official evaluation does, counted, and kept when seen more than
-    ANSWER_MIN_COUNT times, in first-seen order.
+    `min_count` times (ANSWER_MIN_COUNT; mcan-vqa: 8), in first-seen order.
     """
     counts = Counter(prep_answer(a) for a in most_common_answers)
-    kept = [a for a in counts if counts[a] > ANSWER_MIN_COUNT]
+    kept = [a for a in counts if counts[a] > min_count]
     ans_to_ix = {a: i for i, a in enumerate(kept)}
     ix_to_ans = {str(i): a for a, i in ans_to_ix.items()}
     return ans_to_ix, ix_to_ans
@@ -163,7 +161,8 @@ def build_vocab(cfg: Config, train_records: Sequence[QuestionRecord],
     if cfg.ANSWER_DICT_PATH:
         ans_to_ix, _ = load_answer_dict(cfg.ANSWER_DICT_PATH)
     else:
-        ans_to_ix, _ = build_answer_dict(r.multiple_choice_answer for r in train_records)
+        ans_to_ix, _ = build_answer_dict((r.multiple_choice_answer for r in train_records), cfg.ANSWER_MIN_COUNT)
     if not ans_to_ix:
-        raise DataError("the answer dictionary is empty: no training answer is seen more than 8 times")
+        raise DataError(f"the answer dictionary is empty: no training answer is seen more than ANSWER_MIN_COUNT "
+                        f"{cfg.ANSWER_MIN_COUNT} times (lower it for a small dataset)")
     return Vocab(token_to_ix, ans_to_ix)
