@@ -61,6 +61,14 @@ COMMANDS: dict[str, Command] = {
                      "(needs pip install 'accuvqa[demo]')", (
         ("--host", {"default": "127.0.0.1", "help": "address to serve on (default 127.0.0.1)"}),
         ("--port", {"type": int, "default": 7860, "help": "port to serve on (default 7860)"}))),
+    "extract": Command("accuvqa.extract:main", "extract grid features of images (a torchvision ResNet backbone, "
+                       "BACKBONE / BACKBONE_LAYER / EXTRACT_RESIZE) into one .npz per image; resumable; --KEY VALUE "
+                       "overrides go after the images", (
+        ("images", {"nargs": "+", "metavar": "IMAGES", "help": "image files, folders of images (recursively), or "
+                    ".txt lists of image paths"}),
+        ("--out", {"required": True, "metavar": "DIR", "help": "folder for <name>.npz and extractor.json"}),
+        ("--weights", {"metavar": "FILE", "help": "the backbone's weights: a torchvision state-dict file, or a "
+                       "torchvision weights name (overrides BACKBONE_WEIGHTS)"}))),
 }
 
 
