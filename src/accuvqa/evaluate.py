@@ -17,7 +17,9 @@ import torch.nn.functional as F
 from accuvqa.checkpoint import load_trained
 from accuvqa.config import Config
 from accuvqa.data.dataset import VQADataset
+from accuvqa.data.layout import dataset_layout
 from accuvqa.data.loader import batch_loader, eval_batches, load_questions, make_dataset
+from accuvqa.data.question_store import question_store
 from accuvqa.data.questions import QuestionArrays
 from accuvqa.data.records import QuestionRecord
 from accuvqa.data.vocab import Vocab
@@ -74,6 +76,12 @@ def score_predictions(records: Sequence[QuestionRecord] | QuestionArrays, answer
     return vqa_evaluate(predictions, questions)
 
 
+def score_split(cfg: Config, split: str, questions: QuestionArrays, answers: list[str]) -> dict[str, Any]:
+    """The scores of `answers` on `split` as the dataset's benchmark computes them (VQA accuracy, GQA's or
+    CLEVR's figures): `accuracy`, `per_answer_type`, and the benchmark's own figures."""
+    return dataset_layout(cfg).score(questions, answers, question_store(cfg).scoring_data(split))
+
+
 def record_metrics(cfg: Config, split: str, epoch: int, step: int | None, result: dict[str, Any] | None,
                    loss: float | None, train: Mapping[str, float] | None = None) -> dict[str, Any]:
     """Build the metrics line of one evaluation and append it to <RESULT_PATH>/<VERSION>/metrics.jsonl.
@@ -84,7 +92,7 @@ def record_metrics(cfg: Config, split: str, epoch: int, step: int | None, result
     line: dict[str, Any] = {"epoch": epoch, "step": step, "split": split}
     if result is not None:
         line.update({"accuracy": result["accuracy"], "per_answer_type": result["per_answer_type"], "loss": loss,
-                     "per_question_type": result["per_question_type"]})
+                     **{k: v for k, v in result.items() if k not in ("accuracy", "per_answer_type", "n")}})
     line.update(train or {})
     append_jsonl(run_dir(cfg) / "metrics.jsonl", line)
     return line
@@ -102,7 +110,7 @@ def evaluate_split(cfg: Config, model: torch.nn.Module, dataset: VQADataset, voc
     if not dataset.questions.annotated.all() or (rt is not None and not rt.is_main):
         return None
     ix_to_ans = vocab.ix_to_ans
-    result = score_predictions(dataset.questions, [ix_to_ans[i] for i in top_ix])
+    result = score_split(cfg, split, dataset.questions, [ix_to_ans[i] for i in top_ix])
     return record_metrics(cfg, split, epoch, step, result, loss, train)
 
 
@@ -123,15 +131,15 @@ def run_eval(cfg: Config, split: str) -> dict[str, Any]:
     ix_to_ans = vocab.ix_to_ans
     answers = [ix_to_ans[i] for i in top_ix]
     out_dir = run_dir(cfg)
-    if split == "test":
-        submission = [{"question_id": q, "answer": a} for q, a in zip(records.question_id.tolist(), answers)]
-        summary["submission"] = str(write_json_atomic(out_dir / "result_test.json", submission))
+    submission = dataset_layout(cfg).write_predictions(out_dir, split, records, answers)
+    if submission is not None:  # the benchmark's own format, for any other tool to score
+        summary["submission"] = str(submission)
     if split == "val" and cfg.TEST_SAVE_PRED:
         preds = [{"question_id": q, "answer": a, "score": float(s)}
                  for q, a, s in zip(records.question_id.tolist(), answers, top_score)]
         summary["predictions"] = str(write_json_atomic(out_dir / "result_val_pred.json", preds))
     if len(records) and records.annotated.all():  # the test split of VQA v2 has no annotations
-        result = score_predictions(records, answers)
+        result = score_split(cfg, split, records, answers)
         record_metrics(cfg, split, epoch, None, result, loss)
         summary.update(accuracy=result["accuracy"], per_answer_type=result["per_answer_type"])
     return summary

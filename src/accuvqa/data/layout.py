@@ -9,10 +9,11 @@ in accuvqa knows a dataset's file names: a new dataset is a new layout (a reader
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 from accuvqa.config import Config
 from accuvqa.data.features import feature_file, index_features
+from accuvqa.data.questions import QuestionArrays
 from accuvqa.data.records import (
     FOLDERS,
     LAYOUT_HINT,
@@ -23,6 +24,7 @@ from accuvqa.data.records import (
     load_split,
     question_file,
 )
+from accuvqa.data.scoring import vqa_score, vqa_submission
 
 
 class Layout(Protocol):
@@ -55,6 +57,18 @@ class Layout(Protocol):
 
     def feature_file(self, folder: str, image_id: int) -> Path:
         """Where an image's feature file is expected (named in messages)."""
+
+    def scoring_data(self, split: str, records: list[QuestionRecord]) -> Any:
+        """What scoring a split needs beyond the question arrays (kept in the question store as
+        `<split>.scoring.json`), None when nothing."""
+
+    def score(self, questions: QuestionArrays, answers: list[str], scoring_data: Any) -> dict[str, Any]:
+        """The benchmark's scores of `answers` (one per question, in order): `accuracy` (percent),
+        `per_answer_type` (the breakdown a metrics line holds), and any figures of its own."""
+
+    def write_predictions(self, out_dir: Path, split: str, questions: QuestionArrays, answers: list[str]
+                          ) -> Path | None:
+        """The answers in the benchmark's own format (a submission file) in `out_dir`; None when it has none."""
 
 
 class VQALayout:
@@ -91,6 +105,16 @@ class VQALayout:
 
     def feature_file(self, folder: str, image_id: int) -> Path:
         return feature_file(self.feature_path, folder or FOLDERS["train"], image_id)
+
+    def scoring_data(self, split: str, records: list[QuestionRecord]) -> None:
+        return None  # VQA's scoring reads the question arrays alone (the annotators' answers, the types)
+
+    def score(self, questions: QuestionArrays, answers: list[str], scoring_data: Any) -> dict[str, Any]:
+        return vqa_score(questions, answers)
+
+    def write_predictions(self, out_dir: Path, split: str, questions: QuestionArrays, answers: list[str]
+                          ) -> Path | None:
+        return vqa_submission(out_dir, split, questions, answers)
 
 
 def dataset_layout(cfg: Config) -> Layout:

@@ -127,6 +127,9 @@ def _build(cfg: Config, layout: Layout, partial: Partial, progress: Callable[[Se
         write_json_atomic(vocab_file, [vocab.token_to_ix, vocab.ans_to_ix])
     for split in progress(splits, "encode questions"):
         if not (partial.resumed and (partial.path / f"{split}.npz").is_file()):
+            scoring = layout.scoring_data(split, records[split])
+            if scoring is not None:
+                write_json_atomic(partial.path / f"{split}.scoring.json", scoring)
             write_split(partial.path / f"{split}.npz", encode_records(records[split], vocab, cfg.MAX_TOKEN, split))
     return partial.finish(splits=splits, vocab=vocab.fingerprint(), questions={s: len(r) for s, r in records.items()},
                           dataset_path=str(cfg.DATASET_PATH))
@@ -172,6 +175,16 @@ class QuestionStore:
     def splits(self) -> list[str]:
         """The splits the store holds."""
         return list(self.meta.get("splits", []))
+
+    def scoring_data(self, split: str) -> Any:
+        """What the dataset's scoring of `split` needs beyond its arrays (`Layout.scoring_data`), None when nothing."""
+        path = self.path / f"{split}.scoring.json"
+        if not path.is_file():
+            return None
+        try:
+            return json.loads(path.read_text())
+        except (OSError, ValueError) as e:
+            raise DataError(f"{path} cannot be read ({e}); delete {self.path}: the next command builds it again") from e
 
     def annotated(self, split: str) -> bool:
         """Whether the store holds `split` with every question annotated."""
