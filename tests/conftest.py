@@ -193,3 +193,76 @@ def pytest_make_collect_report(collector):
     """Under CI=true, a module skipped at collection fails the same way (see pytest_runtest_makereport)."""
     outcome = yield
     _skip_fails_under_ci(outcome.get_result())
+
+
+# ----------------------------------------------------------------------------- your own images (DATASET folder)
+
+COLOURS = {"red": (220, 30, 30), "green": (30, 180, 60), "blue": (40, 60, 220), "yellow": (230, 210, 40)}
+
+
+def write_photo_folder(root: Path, per_split: dict | None = None, seed: int = 0) -> dict:
+    """Photos (JPEG and PNG, mixed sizes, some in a subfolder, one corrupt in train) and a metadata.jsonl per split
+    in Hugging Face's imagefolder convention; {split: [(file name, question, answers) ...]}, "corrupt": its name."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    per_split = per_split or {"train": 20, "validation": 5, "test": 5}
+    written: dict = {}
+    for split, n in per_split.items():
+        folder = root / split
+        (folder / "cats").mkdir(parents=True, exist_ok=True)
+        lines = []
+        for i in range(n):
+            colour = list(COLOURS)[i % len(COLOURS)]
+            width, height = int(rng.integers(40, 120)), int(rng.integers(40, 120))
+            pixels = np.full((height, width, 3), COLOURS[colour], dtype=np.uint8)
+            pixels[: height // 3] = rng.integers(0, 256, (height // 3, width, 3), dtype=np.uint8)
+            name = f"{'cats/' if i % 3 == 0 else ''}{split}_{i:02d}.{'png' if i % 2 else 'jpg'}"
+            Image.fromarray(pixels).save(folder / name)
+            lines.append({"file_name": name, "question": "What color is the lower part?", "answer": colour})
+            lines.append({"file_name": name, "question": "Is it wide?",
+                          "answers": ["yes" if width > height else "no"] * 8 + ["maybe"] * 2})
+        if split == "train":
+            (folder / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+            lines.append({"file_name": "broken.jpg", "question": "What color is the lower part?", "answer": "red"})
+            written["corrupt"] = "broken.jpg"
+        with open(folder / "metadata.jsonl", "w") as f:
+            f.writelines(json.dumps(line) + "\n" for line in lines)
+        written[split] = [(line["file_name"], line["question"], line.get("answers") or [line["answer"]] * 10)
+                          for line in lines]
+    return written
+
+
+def save_random_resnet50(path: Path, seed: int = 0) -> Path:
+    """A randomly initialised ResNet-50 saved as torchvision's state dict (torch.save(model.state_dict()))."""
+    import torch
+
+    from accuvqa.backbone import BACKBONES, ResNet
+
+    torch.manual_seed(seed)
+    torch.save(ResNet(BACKBONES["resnet50"]).state_dict(), path)
+    return path
+
+
+def own_data_keys(root: Path) -> dict:
+    """Config overrides of a run on the photos under `root` (a tiny MCAN on a random ResNet-50's 2x2 grid)."""
+    return {**TINY, "DATASET": "folder", "DATASET_PATH": str(root / "photos"), "FEATURE_PATH": str(root / "features"),
+            "CKPTS_PATH": str(root / "ckpts"), "RESULT_PATH": str(root / "results"),
+            "BACKBONE_WEIGHTS": str(root / "resnet50.pth"), "EXTRACT_RESIZE": "square:64", "EXTRACT_BATCH_SIZE": 1,
+            "IMG_FEAT_SIZE": 2048, "IMG_FEAT_PAD_SIZE": 4, "ANSWER_MIN_COUNT": 0, "BATCH_SIZE": 8, "MAX_EPOCH": 2,
+            "LR_BASE": 0.001, "VERSION": "own", "DEVICE": "cpu"}
+
+
+@pytest.fixture(scope="session")
+def own_data_trained(tmp_path_factory) -> dict:
+    """Photos + metadata.jsonl, prepared (features extracted) and trained by the CLI: {"root", "keys", "photos",
+    "prepare" (its output)}."""
+    root = tmp_path_factory.mktemp("own_data")
+    photos = write_photo_folder(root / "photos")
+    save_random_resnet50(root / "resnet50.pth")
+    keys = own_data_keys(root)
+    prepared = run_cli("prepare", *cli_overrides(keys), cwd=root)
+    assert prepared.returncode == 0, prepared.stderr
+    trained = run_cli("train", *cli_overrides(keys), cwd=root)
+    assert trained.returncode == 0, trained.stderr
+    return {"root": root, "keys": keys, "photos": photos, "prepare": prepared}

@@ -349,9 +349,17 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict[str, Any]
 def load_trained(cfg: Config, device: torch.device) -> tuple[torch.nn.Module, Vocab, Path, int]:
     """Model, vocabularies, path and epoch of the checkpoint that `resolve_checkpoint` names
     (the run's newest when none is named)."""
+    model, vocab, path, epoch, _ = load_trained_state(cfg, device)
+    return model, vocab, path, epoch
+
+
+def load_trained_state(cfg: Config, device: torch.device
+                       ) -> tuple[torch.nn.Module, Vocab, Path, int, dict[str, Any]]:
+    """`load_trained`'s model, vocabularies, path and epoch, and the checkpoint's contents (its feature
+    extractor, ...)."""
     path = resolve_checkpoint(cfg, "checkpoint to evaluate")
     state = load_checkpoint(path)
     vocab = run_vocab(cfg, state, path)
     model = build_model(cfg, len(vocab.token_to_ix), len(vocab.ans_to_ix))
     load_weights(model, state, path, cfg.MODEL_USE, cfg)
-    return model.to(device), vocab, path, int(state.get("epoch", cfg.CKPT_EPOCH))
+    return model.to(device), vocab, path, int(state.get("epoch", cfg.CKPT_EPOCH)), state

@@ -40,15 +40,17 @@ COMMANDS: dict[str, Command] = {
     "val": Command("accuvqa.evaluate:main", "evaluate a checkpoint on the val split"),
     "test": Command("accuvqa.evaluate:main", "predict the test split and write the submission file"),
     "predict": Command("accuvqa.predict:main", "answer one question about one image", (
-        ("--image", {"required": True, "help": "image file (easyvqa) or region features .npz"}),
+        ("--image", {"help": "the image's region features (.npz), or a picture (easyvqa, or a model trained on "
+                     "features accuvqa extract wrote: the checkpoint's extractor runs on it)"}),
         ("--question", {"required": True, "help": "the question, in words"}),
         ("--top", {"type": int, "default": 5, "help": "how many answers to print (default 5)"}),
         ("--attention", {"metavar": "OUT.png", "help": "also draw the model's attention over the image's "
                          "regions, the question and the answers into OUT.png"}),
         ("--attention-layers", {"action": "store_true", "help": "with --attention: add the per-layer, "
                                 "per-head maps (question self-attention, image-to-question, image self-attention)"}),
-        ("--image-file", {"metavar": "IMG", "help": "with --attention and a features .npz: the photo to draw "
-                          "the regions on (default: a blank canvas of the stored image size)"}))),
+        ("--image-file", {"metavar": "IMG", "help": "the photo: alone, answered through the extractor the "
+                          "checkpoint records (accuvqa extract); with --image FILE.npz and --attention, the photo to "
+                          "draw the regions on (default: a blank canvas of the stored image size)"}))),
     "check": Command("accuvqa.check:main", "measure that gradient accumulation equals the one-batch gradient "
                      "on this model"),
     "plot": Command("accuvqa.plot:main", "plot accuracy, loss and learning rate per epoch of a run "

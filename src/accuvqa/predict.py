@@ -11,7 +11,7 @@ import torch
 
 from accuvqa.attention import (Answer, check_picture_path, cut_maps, draw_attention, exposes_attention, read_image,
                                require_attention)
-from accuvqa.checkpoint import load_trained
+from accuvqa.checkpoint import load_trained_state
 from accuvqa.config import Config
 from accuvqa.data.feature_store import PackedFeatures, dataset_image
 from accuvqa.data.features import _READ_ERRORS, read_boxes, read_features
@@ -81,8 +81,69 @@ class Predictor:
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
         self.device = setup_runtime(cfg).device
-        self.model, self.vocab, self.checkpoint, self.epoch = load_trained(cfg, self.device)
+        self.model, self.vocab, self.checkpoint, self.epoch, state = load_trained_state(cfg, self.device)
         self.model.eval()
+        # how the training features were computed from images (`accuvqa extract`); None: unknown
+        self.extractor_spec: dict | None = state.get("extractor")
+        self._extractor = None  # loaded on the first photo
+
+    @property
+    def reads_photos(self) -> bool:
+        """Whether a photo alone can be answered: the checkpoint records its extractor, or easy-VQA's own features."""
+        return self.extractor_spec is not None or self.cfg.DATASET == "easyvqa"
+
+    def extractor(self):
+        """The extractor the checkpoint records, loaded once: DataError when its weights are not the recorded ones."""
+        if self._extractor is None:
+            from accuvqa.extract import Extractor
+
+            spec, cfg = self.extractor_spec, self.cfg
+            weights = cfg.BACKBONE_WEIGHTS or spec["weights"]
+            if not Path(weights).is_file() and Path(spec["weights"]).is_absolute():
+                raise DataError(f"the checkpoint {self.checkpoint} was trained on features of {spec['backbone']} "
+                                f"{spec['layer']} with the weights {weights}, which are not there: give them with "
+                                f"--BACKBONE_WEIGHTS FILE (sha256 {spec['weights_sha256']})")
+            extractor = Extractor.from_config(cfg.replace(BACKBONE=spec["backbone"], BACKBONE_LAYER=spec["layer"],
+                                                          EXTRACT_RESIZE=spec["resize"], BACKBONE_WEIGHTS=weights),
+                                              device=str(self.device))
+            if extractor.spec["weights_sha256"] != spec["weights_sha256"]:
+                raise DataError(f"the weights {weights} (sha256 {extractor.spec['weights_sha256'][:16]}...) are not "
+                                f"the ones the training features were extracted with (sha256 "
+                                f"{spec['weights_sha256'][:16]}..., recorded in {self.checkpoint}): give those with "
+                                f"--BACKBONE_WEIGHTS FILE")
+            self._extractor = extractor
+        return self._extractor
+
+    def photo_regions(self, photo: str | Path) -> tuple[np.ndarray, np.ndarray, tuple[int, int]]:
+        """Features (N, D), boxes (N, 4) in the photo's pixels and its (width, height), by the recorded extractor."""
+        from accuvqa.extract import load_image
+
+        if self.extractor_spec is None:
+            raise DataError(f"the model of {self.checkpoint} was trained on features of unknown origin (not written "
+                            f"by accuvqa extract, e.g. VQA v2's downloaded region features), so a photo cannot be "
+                            f"turned into its features here: give the image's features file (.npz) with --image")
+        try:
+            image = load_image(Path(photo).read_bytes())
+        except OSError as e:
+            raise DataError(f"cannot read the photo {photo}: {e.strerror or e}") from e
+        except Exception as e:  # PIL's errors for a file that is not an image
+            raise DataError(f"{photo} is not an image that can be read ({type(e).__name__})") from e
+        [out] = self.extractor().features([image])
+        pad = self.cfg.IMG_FEAT_PAD_SIZE
+        feats = np.ascontiguousarray(out["x"].T[:pad], dtype=np.float32)
+        if feats.shape[1] != self.cfg.IMG_FEAT_SIZE:
+            raise DataError(f"the recorded extractor gives {feats.shape[1]}-d features, not IMG_FEAT_SIZE "
+                            f"{self.cfg.IMG_FEAT_SIZE}: use the config the model was trained with")
+        return feats, np.asarray(out["bbox"][:pad], dtype=np.float32), (int(out["image_w"]), int(out["image_h"]))
+
+    def regions(self, image: str | Path) -> tuple[np.ndarray, np.ndarray | None, tuple[int, int] | None]:
+        """Features (N, D), boxes (N, 4) or None, and (width, height) or None of an image: a features .npz (or a
+        dataset image's), a photo through the checkpoint's extractor, or (easyvqa) a picture's own features."""
+        path = Path(image)
+        if path.suffix.lower() != ".npz" and self.extractor_spec is not None and _in_store(self.cfg, path) is None:
+            return self.photo_regions(path)
+        boxes, size = image_regions(self.cfg, path)
+        return image_region_features(self.cfg, path), boxes, size
 
     @property
     def exposes_attention(self) -> bool:
@@ -180,25 +241,30 @@ def predict(cfg: Config, image: str, question: str, top_k: int = 5) -> list[tupl
 def main(cfg: Config, args: argparse.Namespace) -> int:
     """Print `score  answer` lines, best first; with --attention, draw the attention picture."""
     out, image_file = getattr(args, "attention", None), getattr(args, "image_file", None)
-    if out is None and (getattr(args, "attention_layers", False) or image_file):
-        raise ConfigError("--attention-layers and --image-file go with --attention OUT.png")
+    if args.image is None and image_file is None:
+        raise ConfigError("give the image: --image FILE (its features .npz, or a picture) or --image-file PHOTO")
+    if out is None and getattr(args, "attention_layers", False):
+        raise ConfigError("--attention-layers goes with --attention OUT.png")
     if out is not None:
         check_picture_path(out)
-    feats = image_region_features(cfg, args.image)
+    reads = args.image if args.image is not None else image_file  # what the features come from
+    if args.image is not None and Path(args.image).suffix == ".npz":
+        image_region_features(cfg, args.image)  # a bad features file is named before the model is loaded
     if image_file is not None:
         read_image(image_file)  # a bad --image-file is named before the model is loaded
     elif out is not None and Path(args.image).suffix != ".npz":
-        image_file = args.image  # easy-VQA: the picture itself
+        image_file = args.image  # a picture: drawn on itself
     predictor = Predictor(cfg)
     if out is not None:
         require_attention(predictor.model, cfg.MODEL_USE)
-    boxes, size = image_regions(cfg, args.image) if out is not None else (None, None)
-    if reads_boxes(cfg):
-        boxes = image_region_boxes(cfg, args.image, len(feats))
-    answer = predictor.answer(feats, args.question, args.top, boxes=boxes, attention=out is not None)
+    feats, boxes, size = predictor.regions(reads)
+    if reads_boxes(cfg) and boxes is None:
+        boxes = image_region_boxes(cfg, reads, len(feats))
+    answer = predictor.answer(feats, args.question, args.top, boxes=boxes if (out is not None or reads_boxes(cfg))
+                              else None, attention=out is not None)
     for name, score in answer.answers:
         print(f"{score:.4f}  {name}")
     if out is not None:
-        predictor.draw(answer, out, image_file=image_file, image_size=size, layers=args.attention_layers)
+        predictor.draw(answer, out, image_file=image_file, boxes=boxes, image_size=size, layers=args.attention_layers)
         print(f"attention picture: {out}")
     return 0

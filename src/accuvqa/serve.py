@@ -18,8 +18,9 @@ from typing import Any
 
 
 from accuvqa.config import Config
-from accuvqa.data.features import feature_file
+from accuvqa.data.folder import FolderLayout
 from accuvqa.data.feature_store import open_features
+from accuvqa.data.layout import dataset_layout
 from accuvqa.data.question_store import question_store
 from accuvqa.data.records import FOLDERS
 from accuvqa.errors import AccuvqaError, ConfigError, DataError
@@ -77,14 +78,20 @@ def dataset_images(cfg: Config, limit: int = DATASET_IMAGES) -> list[DatasetImag
         by_image: dict[int, list[str]] = {}
         for image_id, question in zip(questions.image_id.tolist(), questions.questions()):
             by_image.setdefault(image_id, []).append(question)
-        folder = FOLDERS[split]
-        packed = open_features(cfg.FEATURE_PATH, [folder], cfg.IMG_FEAT_SIZE, store_path=cfg.STORE_PATH)
+        layout = dataset_layout(cfg)
+        folder = layout.feature_folders(split)[0]
+        packed = open_features(cfg.FEATURE_PATH, [folder], cfg.IMG_FEAT_SIZE, store_path=cfg.STORE_PATH, layout=layout)
         pictures = _easyvqa_image_files(folder) if cfg.DATASET == "easyvqa" else {}
+        named = isinstance(layout, FolderLayout)  # your own images: named by their file names
+        files = layout.index_features(folder) if named else {}
         images = []
         for image_id in sorted(i for i in by_image if i in packed)[:limit]:
-            picture = pictures.get(image_id)
-            images.append(DatasetImage(f"{split} image {image_id}", feature_file(cfg.FEATURE_PATH, folder, image_id),
-                                       Path(picture) if picture else None, tuple(by_image[image_id])))
+            features = files.get(image_id) or layout.feature_file(folder, image_id)
+            name = str(features.relative_to(Path(cfg.FEATURE_PATH) / folder))[:-len(".npz")] if named else image_id
+            picture = layout.image_source(split, name) if named else pictures.get(image_id)
+            images.append(DatasetImage(f"{split} image {name}", features,
+                                       Path(picture) if picture and Path(picture).is_file() else None,
+                                       tuple(by_image[image_id])))
         return images
     log.warning("no dataset images on the page: the question store %s holds no split", store.path)
     return []
@@ -150,13 +157,12 @@ class Page:
             source = " + ".join(p.name for p in (image, features) if p)
         if image is not None:
             check_image(image)
-        if features is None and self.cfg.DATASET != "easyvqa":
-            raise DataError("with the VQA v2 layout the model reads region features: upload the image's "
-                            "features .npz as well, or pick one of the dataset's images")
-        reads = features if features is not None else image
         predictor = self.predictor
-        feats = predictor.features(reads)
-        boxes, size = predictor.boxes(reads), predictor.image_size(reads)
+        if features is None and not predictor.reads_photos:
+            raise DataError("this model was trained on region features of unknown origin (not written by accuvqa "
+                            "extract): upload the image's features .npz as well, or pick one of the dataset's images")
+        reads = features if features is not None else image
+        feats, boxes, size = predictor.regions(reads)
         with self.lock:
             answer = predictor.answer(feats, question, top_k=TOP_K, boxes=boxes)
             picture = (predictor.draw(answer, image_file=image, boxes=boxes, image_size=size)
@@ -177,7 +183,7 @@ def import_gradio() -> Any:
 def build_page(page: Page, gr: Any) -> Any:
     """The Gradio Blocks of the page: inputs and Ask beside the answers, the attention picture below them."""
     cfg = page.cfg
-    vqa_layout = cfg.DATASET != "easyvqa"
+    vqa_layout = not page.predictor.reads_photos  # a model that reads region features only
 
     def ask(image, features, picked, question):
         reply = page.ask(image, features, picked, question)
