@@ -3,6 +3,7 @@ a real browser (headless Chromium driven by Playwright) with every request going
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import subprocess
@@ -164,9 +165,9 @@ def _wait_for_port(port: int, server: subprocess.Popen, timeout: float = 300) ->
     pytest.fail(f"accuvqa serve did not listen on port {port} within {timeout} s")
 
 
-@pytest.fixture
-def server(tiny_trained, tmp_path):
-    """`accuvqa serve` on a free port in a subprocess, serving the tiny trained model; yields the URL."""
+@contextlib.contextmanager
+def _serving(args: list[str], tmp_path: Path):
+    """`accuvqa serve ARGS` on a free port in a subprocess; yields the URL."""
     for module in ("gradio", "playwright"):
         try:
             __import__(module)
@@ -174,20 +175,26 @@ def server(tiny_trained, tmp_path):
             pytest.skip(f"{module} is not installed (pip install -e '.[test]')")
     if not os.access(CHROMIUM, os.X_OK):
         pytest.skip(f"no {CHROMIUM} (apt-get install chromium)")
-    cfg = tiny_trained
     port = _free_port()
-    keys = {**TINY, **{k: getattr(cfg, k) for k in ("DATASET_PATH", "FEATURE_PATH", "CKPTS_PATH", "RESULT_PATH",
-                                                     "VERSION", "CKPT_EPOCH")}}
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "GRADIO_TEMP_DIR": str(tmp_path / "uploads")}
-    server = subprocess.Popen([sys.executable, "-m", "accuvqa", "serve", "--config", str(ROOT / "configs/easyvqa.yml"),
-                               *cli_overrides(keys), "--port", str(port)], cwd=tmp_path, env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    server = subprocess.Popen([sys.executable, "-m", "accuvqa", "serve", *args, "--port", str(port)], cwd=tmp_path,
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         _wait_for_port(port, server)
         yield f"http://127.0.0.1:{port}"
     finally:
         server.terminate()
         server.wait(timeout=30)
+
+
+@pytest.fixture
+def server(tiny_trained, tmp_path):
+    """`accuvqa serve` serving the tiny trained model; yields the URL."""
+    cfg = tiny_trained
+    keys = {**TINY, **{k: getattr(cfg, k) for k in ("DATASET_PATH", "FEATURE_PATH", "CKPTS_PATH", "RESULT_PATH",
+                                                     "VERSION", "CKPT_EPOCH")}}
+    with _serving(["--config", str(ROOT / "configs/easyvqa.yml"), *cli_overrides(keys)], tmp_path) as url:
+        yield url
 
 
 @pytest.mark.slow
@@ -249,3 +256,30 @@ def test_the_page_answers_in_a_real_browser_and_fetches_nothing_from_outside(ser
     assert requests and all(url.startswith(server + "/") or url == server for url in requests), \
         sorted({url for url in requests if not url.startswith(server)})
     assert shot.stat().st_size > 10_000
+
+
+@pytest.mark.slow
+def test_an_uploaded_photo_is_answered_through_the_recorded_extractor_in_a_real_browser(own_data_trained, tmp_path):
+    """A model trained on features `accuvqa extract` wrote (DATASET folder) answers a bare photo on the page."""
+    from playwright.sync_api import expect, sync_playwright
+
+    from accuvqa.config import load_config
+    from accuvqa.predict import Predictor
+
+    photo = own_data_trained["root"] / "photos/test/test_01.png"
+    predictor = Predictor(load_config(None, own_data_trained["keys"]))
+    feats, boxes, _ = predictor.photo_regions(photo)
+    expected = predictor.answer(feats, "Is it wide?", top_k=5, boxes=boxes, attention=False).answers
+    with _serving(cli_overrides(own_data_trained["keys"]), tmp_path) as url, sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        web = browser.new_page(viewport={"width": 1200, "height": 860})
+        web.goto(url)
+        web.locator("#image input[type=file]").set_input_files(str(photo))
+        expect(web.locator("#image a[href*='file=']")).to_be_visible()
+        web.locator("#question textarea").fill("Is it wide?")
+        web.locator("#ask").click()
+        expect(web.locator("#message")).to_contain_text("Answered from test_01.png: 4 regions", timeout=60_000)
+        for answer, _ in expected:
+            expect(web.locator("#answers")).to_contain_text(answer)
+        expect(web.locator("#picture img")).to_be_visible()
+        browser.close()
