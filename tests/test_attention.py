@@ -288,7 +288,7 @@ def test_predict_command_errors_are_named(tiny_trained, test_png, tmp_path, monk
     with pytest.raises(DataError, match="--image-file: cannot read image .*junk.jpg"):
         predict_module.main(tiny_trained, _args(image, attention=str(tmp_path / "a.png"),
                                                 image_file=str(tmp_path / "junk.jpg")))
-    with pytest.raises(ConfigError, match="--attention-layers and --image-file go with --attention OUT.png"):
+    with pytest.raises(ConfigError, match="--attention-layers goes with --attention OUT.png"):
         predict_module.main(tiny_trained, _args(image, attention_layers=True))
     with pytest.raises(ConfigError, match="the picture is a PNG file"):
         predict_module.main(tiny_trained, _args(image, attention=str(tmp_path / "a.jpg")))

@@ -39,5 +39,5 @@ def test_missing_or_unreadable_image_is_named(trained, tmp_path):
     (tmp_path / "junk.png").write_bytes(b"not an image")
     with pytest.raises(DataError, match=f"cannot read image {tmp_path / 'junk.png'}"):
         predict(trained, str(tmp_path / "junk.png"), "?")
-    with pytest.raises(DataError, match="with DATASET vqa, give the image's region features"):
+    with pytest.raises(DataError, match="this model reads region features: give the image's features file"):
         predict(trained.replace(DATASET="vqa"), str(tmp_path / "junk.png"), "?")

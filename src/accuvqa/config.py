@@ -42,7 +42,8 @@ class Config:
     # --- data
     DATASET: str = _data("vqa", "vqa: VQA v2 layout at DATASET_PATH / FEATURE_PATH; easyvqa: the bundled easy-VQA; "
                                 "folder: your images and questions at DATASET_PATH (metadata.jsonl or Parquet, "
-                                "docs/own-data.md), features extracted into FEATURE_PATH")
+                                "docs/own-data.md), features extracted into FEATURE_PATH; gqa, clevr: openvqa's "
+                                "GQA and CLEVR layouts (docs/datasets.md)")
     DATASET_PATH: str = _data("datasets/vqa", "folder of the VQA v2 question and annotation JSON files")
     FEATURE_PATH: str = _data("datasets/coco_extract",
                               "folder with train2014/, val2014/, test2015/ of region features (.npz)")
@@ -161,7 +162,7 @@ class Config:
 
 
 # the DATASET values: each names a reader under data/ (data/layout.py picks it)
-DATASETS = ("vqa", "easyvqa", "folder")
+DATASETS = ("vqa", "easyvqa", "folder", "clevr", "gqa")
 KEYS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(Config) if f.name not in ("model_keys", "ignored"))
 # the keys that name a checkpoint of another run or epoch: counted only from the command line (or a Python
 # caller's overrides), never from a config file, so a preset (mcan-vqa's small.yml says CKPT_VERSION small,

@@ -42,8 +42,8 @@ def image_region_features(cfg: Config, image: str | Path) -> np.ndarray:
         from accuvqa.data.easyvqa import image_file_features
 
         return image_file_features(image_path)
-    raise DataError(f"{image}: with DATASET vqa, give the image's region features (.npz), "
-                    f"e.g. {FOLDERS['val']}/COCO_val2014_<id>.jpg.npz")
+    raise DataError(f"{image}: this model reads region features: give the image's features file (.npz), "
+                    f"e.g. {FOLDERS['val']}/COCO_val2014_<id>.jpg.npz for VQA v2")
 
 
 def image_regions(cfg: Config, image: str | Path) -> tuple[np.ndarray | None, tuple[int, int] | None]:

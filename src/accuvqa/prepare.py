@@ -26,6 +26,28 @@ def main(cfg: Config, args: argparse.Namespace) -> int:
                     + (f", {len(v['unreadable'])} unreadable: {', '.join(v['unreadable'])}" if v["unreadable"] else ""))
             for split, v in summary.items()})
         folders = list(summary)
+    elif cfg.DATASET == "clevr":
+        from accuvqa.data.clevr import prepare_clevr
+
+        summary = prepare_clevr(cfg)
+        print_table(f"CLEVR at {cfg.DATASET_PATH}, features in {cfg.FEATURE_PATH}", {
+            split: (f"{v['questions']} questions ({v['answered']} answered), {v['images']} images, "
+                    f"{v['feature_files']} feature files, {v['extracted now']} extracted now")
+            for split, v in summary.items()})
+        folders = list(summary)
+    elif cfg.DATASET == "gqa":
+        from accuvqa.data.gqa import FRCN, prepare_gqa
+
+        summary = prepare_gqa(cfg)
+        print_table(f"GQA at {cfg.DATASET_PATH}, features in {cfg.FEATURE_PATH}: complete", {
+            split: (f"{v['file']}: {v['questions']} questions, {v['images']} images with {FRCN} features, "
+                    f"{v['grid']} with grid features" + (", choices" if v["choices"] else ""))
+            for split, v in summary["splits"].items()})
+        d = summary["dicts"]
+        print(f"openvqa's dictionaries ({d['tokens']} tokens, {d['answers']} answers, longest question "
+              f"{d['max_token']} tokens; from {d['from']}): TOKEN_DICT_PATH {d['token_dict']} "
+              f"ANSWER_DICT_PATH {d['answer_dict']}")
+        folders = [FRCN]
     elif cfg.DATASET != "easyvqa":
         from accuvqa.data.validate import validate_vqa_tree
 

@@ -6,7 +6,7 @@ For each folder `FEATURE_PATH/<folder>/` of per-image `.npz` files, a folder
   read into memory with PRELOAD True);
 - `index.npz`: `image_ids` (sorted), `offsets` (image i's regions are rows offsets[i]:offsets[i+1]),
   `boxes` (total regions, 4; zeros for files without `bbox`), `sizes` (images, 2) each image's
-  `image_w`, `image_h` (zeros when its file has none);
+  `image_w`, `image_h` (or `width`, `height`: openvqa's GQA files; zeros when its file has none);
 - `meta.json`: the plan (format, feature size), the state of the source folder, image and region counts.
 
 Built when missing or stale (`data/build.py` says when, and how it is written), by `accuvqa prepare` or
@@ -95,6 +95,8 @@ def _pack(partial: Partial, feature_path: str | Path, folder: str, feat_size: in
                 boxes[offsets[i]: offsets[i + 1]] = npz["bbox"]
             if {"image_w", "image_h"} <= set(npz.files):
                 sizes[i] = int(npz["image_w"]), int(npz["image_h"])
+            elif {"width", "height"} <= set(npz.files):  # openvqa's GQA features
+                sizes[i] = int(npz["width"]), int(npz["height"])
         if (i + 1) % _SAVE_EVERY == 0:
             features.flush(), boxes.flush()
             np.save(sizes_file, sizes)

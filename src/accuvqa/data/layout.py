@@ -123,4 +123,12 @@ def dataset_layout(cfg: Config) -> Layout:
         from accuvqa.data.folder import FolderLayout
 
         return FolderLayout(cfg)
+    if cfg.DATASET == "clevr":
+        from accuvqa.data.clevr import ClevrLayout
+
+        return ClevrLayout(cfg)
+    if cfg.DATASET == "gqa":
+        from accuvqa.data.gqa import GqaLayout
+
+        return GqaLayout(cfg)
     return VQALayout(cfg)
