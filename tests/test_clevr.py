@@ -61,7 +61,7 @@ def _by_hand(questions: list[dict], predictions: list[str]) -> dict:
 
 
 @pytest.mark.parametrize("model", [TINY, MFB], ids=["mcan", "mfb"])
-def test_every_command_on_openvqas_clevr_layout(model, tmp_path):
+def test_every_command_on_openvqas_clevr_layout(model, tmp_path, monkeypatch):
     tree = write_clevr_tree(tmp_path / "clevr")
     common = _common(tree, model, tmp_path)
     mcan = model is TINY
@@ -109,6 +109,16 @@ def test_every_command_on_openvqas_clevr_layout(model, tmp_path):
     assert r.returncode == 0, r.stderr
     scores_out = [float(row.split(maxsplit=1)[0]) for row in r.stdout.strip().splitlines()]
     assert len(scores_out) == 5 and scores_out == sorted(scores_out, reverse=True)
+    # serve's page (in this process): the same answers for the uploaded features file, and a dataset image answered
+    from accuvqa.cli import parse_overrides
+    from accuvqa.serve import Page
+
+    monkeypatch.chdir(tmp_path)  # the run's relative CKPTS_PATH
+    page = Page(load_config(common[1], parse_overrides([*common[2:], "--CKPT_EPOCH", "1"])))
+    reply = page.ask(None, str(tmp_path / "clevr/feats/val/0.npz"), None, "How many red things are there?")
+    picked = page.ask(None, None, page.images[0].name, page.images[0].questions[0])
+    assert [f"{score:.4f}  {answer}" for answer, score in reply.answers.items()] == r.stdout.strip().splitlines()
+    assert len(picked.answers) == 5 and picked.message.startswith(f"Answered from {page.images[0].name}")
 
     r = run_cli("check", *common, cwd=tmp_path)
     assert r.returncode == 0, r.stdout + r.stderr

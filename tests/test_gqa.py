@@ -156,6 +156,7 @@ def test_train_val_test_predict_check_on_the_gqa_tree(gqa, model):
     assert r.returncode == 0, r.stderr
     lines = r.stdout.strip().splitlines()
     assert len(lines) == 3 and all(line.split(maxsplit=1)[1] in answers for line in lines), r.stdout
+    _serve_answers_like_predict(load_config(ROOT / preset, {**keys, "CKPT_EPOCH": 1}), image, lines)
     r = run_cli("check", *args, "--GRAD_ACCU_STEPS", "3", cwd=root)
     assert r.returncode == 0, r.stdout + r.stderr
     assert "verdict: equivalent" in r.stdout
@@ -187,3 +188,15 @@ def test_openvqas_train_plus_val_is_refused_since_gqas_val_here_is_testdev(gqa, 
         main(["train", "--config", str(ROOT / "configs/gqa/mcan_small.yml"), *cli_overrides(keys)])
     lines = capsys.readouterr().err.strip().splitlines()
     assert e.value.code == 2 and len(lines) == 1 and "TRAIN_SPLIT 'train+val': DATASET gqa trains on train" in lines[0]
+
+
+def _serve_answers_like_predict(cfg, features: Path, predicted: list[str]) -> None:
+    """serve's page (in this process) answers an uploaded features file as `predict` printed, and a dataset image."""
+    from accuvqa.serve import Page
+
+    page = Page(cfg)
+    reply = page.ask(None, str(features), None, "Who is wearing the hat?")
+    assert [f"{score:.4f}  {answer}" for answer, score in list(reply.answers.items())[:3]] == predicted
+    assert page.images and page.images[0].name.startswith("val image ")
+    picked = page.ask(None, None, page.images[0].name, page.images[0].questions[0])
+    assert len(picked.answers) == 5 and picked.message.startswith(f"Answered from {page.images[0].name}")
