@@ -43,7 +43,8 @@ class Config:
     DATASET: str = _data("vqa", "vqa: VQA v2 layout at DATASET_PATH / FEATURE_PATH; easyvqa: the bundled easy-VQA; "
                                 "folder: your images and questions at DATASET_PATH (metadata.jsonl or Parquet, "
                                 "docs/own-data.md), features extracted into FEATURE_PATH; gqa, clevr: openvqa's "
-                                "GQA and CLEVR layouts (docs/datasets.md)")
+                                "GQA and CLEVR layouts (docs/datasets.md); clevr_shapes: the bundled CLEVR-style reasoning "
+                                "set, generated at DATASET_PATH")
     DATASET_PATH: str = _data("datasets/vqa", "folder of the VQA v2 question and annotation JSON files")
     FEATURE_PATH: str = _data("datasets/coco_extract",
                               "folder with train2014/, val2014/, test2015/ of region features (.npz)")
@@ -53,6 +54,7 @@ class Config:
     RESULT_PATH: str = _run("results", "folder of each run's metrics, config.yml, log.txt, events and predictions")
     TRAIN_SPLIT: str = _data("train", "splits to train on, joined by +: train, train+val, train+val+vg")
     VAL_FRACTION: float = _data(0.1, "easyvqa: share of the train images held out as the val split")
+    SCENE_IMAGES: int = _data(3000, "clevr_shapes: train images of the reasoning set (val and test: a sixth each)")
     PRELOAD: bool = _data(False, "read the packed features into memory instead of memory-mapping them")
     NUM_WORKERS: int = _data(0, "loader worker processes (0: load in the training process)")
     PIN_MEM: bool = _data(False, "with NUM_WORKERS > 0: pin batches in page-locked memory (faster copies to a GPU)")
@@ -162,7 +164,7 @@ class Config:
 
 
 # the DATASET values: each names a reader under data/ (data/layout.py picks it)
-DATASETS = ("vqa", "easyvqa", "folder", "clevr", "gqa")
+DATASETS = ("vqa", "easyvqa", "folder", "clevr", "gqa", "clevr_shapes")
 KEYS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(Config) if f.name not in ("model_keys", "ignored"))
 # the keys that name a checkpoint of another run or epoch: counted only from the command line (or a Python
 # caller's overrides), never from a config file, so a preset (mcan-vqa's small.yml says CKPT_VERSION small,
@@ -285,7 +287,7 @@ def _validate(cfg: Config, sources: Mapping[str, str]) -> None:
                           + (f" (did you mean {close[0]!r}?)" if close else ""))
     if not 0.0 < cfg.VAL_FRACTION < 1.0:
         raise ConfigError(f"VAL_FRACTION must be in (0, 1), got {cfg.VAL_FRACTION}")
-    for key in ("NUM_WORKERS", "CKPT_EVERY_STEPS", "KEEP_CKPTS", "BUCKET_WINDOW", "ANSWER_MIN_COUNT"):
+    for key in ("NUM_WORKERS", "CKPT_EVERY_STEPS", "KEEP_CKPTS", "BUCKET_WINDOW", "ANSWER_MIN_COUNT", "SCENE_IMAGES"):
         if getattr(cfg, key) < 0:
             raise ConfigError(f"{key} must be >= 0, got {getattr(cfg, key)}{where(key)}")
     require_positive(cfg, ["MAX_BAD_UPDATES", "LOG_EVERY_STEPS", "DIST_TIMEOUT"], where)

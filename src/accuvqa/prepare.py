@@ -26,9 +26,11 @@ def main(cfg: Config, args: argparse.Namespace) -> int:
                     + (f", {len(v['unreadable'])} unreadable: {', '.join(v['unreadable'])}" if v["unreadable"] else ""))
             for split, v in summary.items()})
         folders = list(summary)
-    elif cfg.DATASET == "clevr":
-        from accuvqa.data.clevr import prepare_clevr
+    elif cfg.DATASET in ("clevr", "clevr_shapes"):
+        from accuvqa.data.clevr import ClevrLayout, prepare_clevr, write_shapes
 
+        if cfg.DATASET == "clevr_shapes" and not ClevrLayout(cfg).has_split("train"):
+            write_shapes(cfg, progress=build_progress(cfg.VERBOSE))
         summary = prepare_clevr(cfg)
         print_table(f"CLEVR at {cfg.DATASET_PATH}, features in {cfg.FEATURE_PATH}", {
             split: (f"{v['questions']} questions ({v['answered']} answered), {v['images']} images, "

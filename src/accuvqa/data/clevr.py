@@ -30,7 +30,7 @@ from accuvqa.clevr_metrics import FAMILIES, clevr_scores, write_clevr_prediction
 from accuvqa.config import Config
 from accuvqa.data.questions import QuestionArrays
 from accuvqa.data.records import QuestionRecord
-from accuvqa.errors import DataError
+from accuvqa.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
 
@@ -244,3 +244,19 @@ def prepare_clevr(cfg: Config) -> dict[str, dict[str, Any]]:
         summary[split] = {"questions": len(records), "answered": sum(r.answers is not None for r in records),
                           "images": len(needed), "feature_files": len(have), "extracted now": len(todo)}
     return summary
+
+
+def write_shapes(cfg: Config, progress: Any = None) -> dict[str, Any]:
+    """DATASET clevr_shapes: generate the bundled reasoning set (`data/scenes.py`) at DATASET_PATH, seeded by SEED:
+    SCENE_IMAGES train images, a sixth as many val and test; its object features in DATASET_PATH/feats."""
+    from accuvqa.data.scenes import generate
+
+    root = Path(cfg.DATASET_PATH)
+    if Path(cfg.FEATURE_PATH).resolve() != (root / "feats").resolve():
+        raise ConfigError(f"DATASET clevr_shapes writes its features to {root / 'feats'}: set FEATURE_PATH to it "
+                          f"(FEATURE_PATH is {cfg.FEATURE_PATH})")
+    n = cfg.SCENE_IMAGES
+    sizes = {"train": n, "val": max(1, n // 6), "test": max(1, n // 6)}
+    log.info("writing the bundled reasoning set to %s (%s images, seed %d)", root,
+             " + ".join(str(v) for v in sizes.values()), cfg.SEED)
+    return generate(root, sizes, seed=cfg.SEED, **({"progress": progress} if progress is not None else {}))

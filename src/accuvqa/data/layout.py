@@ -123,7 +123,7 @@ def dataset_layout(cfg: Config) -> Layout:
         from accuvqa.data.folder import FolderLayout
 
         return FolderLayout(cfg)
-    if cfg.DATASET == "clevr":
+    if cfg.DATASET in ("clevr", "clevr_shapes"):
         from accuvqa.data.clevr import ClevrLayout
 
         return ClevrLayout(cfg)

@@ -100,6 +100,10 @@ def question_store(cfg: Config, progress: Callable[[Sequence, str], Iterable] | 
     if cfg.DATASET == "easyvqa" and not layout.has_split("train") and stale:
         log.info("writing the bundled easy-VQA data to %s and %s first", cfg.DATASET_PATH, cfg.FEATURE_PATH)
         prepare_easyvqa(cfg, progress=progress)
+    elif cfg.DATASET == "clevr_shapes" and not layout.has_split("train") and stale:
+        from accuvqa.data.clevr import write_shapes
+
+        write_shapes(cfg, progress=progress)
     elif stale:
         for split in parse_splits(cfg.TRAIN_SPLIT):  # a wrong DATASET_PATH is named before any "building" line
             if not layout.has_split(split) and (not cfg.ANSWER_DICT_PATH or not store_splits(cfg, layout)):
