@@ -46,19 +46,38 @@ def gqa(tmp_path_factory) -> dict:
     return {**tree, "root": root, "paths": paths, "prepare": prepared.stdout}
 
 
-def test_prepare_checks_the_tree_and_packs_the_frcn_features_with_their_image_sizes(gqa):
+def test_prepare_checks_the_tree_and_packs_the_frcn_regions_then_the_grid_cells(gqa):
     rows = {line.split()[0]: line.split(maxsplit=1)[1] for line in gqa["prepare"].splitlines() if line.startswith("  ")}
     assert rows["train"] == "train_balanced_questions.json: 36 questions, 6 images with gqa-frcn features, 6 with grid features"
     assert rows["val"].startswith("testdev_balanced_questions.json: 36 questions") and rows["val"].endswith(", choices")
     assert rows["test"].startswith("submission_all_questions.json: 36 questions")
     assert rows["questions"].endswith("; train 36, val 36, test 36)")
+    # the MCAN presets' GQA_GRID True (openvqa's USE_AUX_FEAT): each image's frcn regions, then its 7 x 7 grid cells
     packed = PackedFeatures(store_dir(gqa["FEATURE_PATH"], "gqa-frcn"), gqa["IMG_FEAT_SIZE"])
     for path in sorted(Path(gqa["FEATURE_PATH"], "gqa-frcn").glob("*.npz")):
-        with np.load(path) as npz:
-            image = image_key(path.stem)
-            assert packed.image_size(image) == (int(npz["width"]), int(npz["height"]))
-            np.testing.assert_array_equal(packed.read(image, 100), npz["x"])
-            np.testing.assert_array_equal(packed.read_boxes(image, 100), npz["bbox"])
+        with np.load(path) as npz, np.load(Path(gqa["FEATURE_PATH"], "gqa-grid", path.name)) as grid:
+            image, n, (width, height) = image_key(path.stem), len(npz["x"]), (int(npz["width"]), int(npz["height"]))
+            assert packed.image_size(image) == (width, height) and packed.count(image) == n + 49
+            np.testing.assert_array_equal(packed.read(image, 200), np.concatenate([npz["x"], grid["x"]]))
+            boxes = packed.read_boxes(image, 200)
+            np.testing.assert_array_equal(boxes[:n], npz["bbox"])
+            assert boxes[n + 3 * 7 + 3] == pytest.approx([3 * width / 7, 3 * height / 7, 4 * width / 7, 4 * height / 7])
+            assert boxes[n:, 2].max() == pytest.approx(width) and boxes[n:, 3].max() == pytest.approx(height)
+
+
+def test_without_gqa_grid_the_store_holds_the_frcn_regions_alone(gqa, tmp_path):
+    from accuvqa.data.feature_store import open_features
+    from accuvqa.data.gqa import GqaLayout
+
+    cfg = load_config(ROOT / MODELS["butd"][0], {**gqa["paths"], "STORE_PATH": str(tmp_path / "stores")})
+    assert not cfg.GQA_GRID  # BUTD and BAN read the frcn regions only, as openvqa's do
+    stores = open_features(cfg.FEATURE_PATH, ["gqa-frcn"], cfg.IMG_FEAT_SIZE, store_path=cfg.STORE_PATH,
+                           layout=GqaLayout(cfg))
+    path = sorted(Path(gqa["FEATURE_PATH"], "gqa-frcn").glob("*.npz"))[0]
+    with np.load(path) as npz:
+        image = image_key(path.stem)
+        np.testing.assert_array_equal(stores[image].read(image, 200), npz["x"])
+        np.testing.assert_array_equal(stores[image].read_boxes(image, 200), npz["bbox"])
 
 
 def test_prepare_writes_openvqa_dictionaries_by_its_rule_or_from_its_dicts_json(gqa, tmp_path):

@@ -54,6 +54,8 @@ class Config:
     RESULT_PATH: str = _run("results", "folder of each run's metrics, config.yml, log.txt, events and predictions")
     TRAIN_SPLIT: str = _data("train", "splits to train on, joined by +: train, train+val, train+val+vg")
     VAL_FRACTION: float = _data(0.1, "easyvqa: share of the train images held out as the val split")
+    GQA_GRID: bool = _data(False, "gqa: join each image's grid features (gqa-grid, 49 cells) to its region features as "
+                                  "more regions, as openvqa's MCAN does (USE_AUX_FEAT)")
     SCENE_IMAGES: int = _data(3000, "clevr_shapes: train images of the reasoning set (val and test: a sixth each)")
     PRELOAD: bool = _data(False, "read the packed features into memory instead of memory-mapping them")
     NUM_WORKERS: int = _data(0, "loader worker processes (0: load in the training process)")

@@ -19,12 +19,12 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 
 from accuvqa.data.build import Partial, build_progress, ensure_store, folder_state, store_home, why_stale
-from accuvqa.data.features import feature_shape, index_features, read_features, region_count
+from accuvqa.data.features import count_regions, index_features, read_regions
 from accuvqa.data.layout import Layout
 from accuvqa.errors import DataError
 from accuvqa.files import write_json_atomic
@@ -50,15 +50,38 @@ def pack_folder(feature_path: str | Path, folder: str, feat_size: int,
     index = (lambda: layout.index_features(folder)) if layout is not None else (
         lambda: index_features(feature_path, [folder]))
     recursive = bool(getattr(layout, "recursive", False))
+    # a layout may join more to each image's regions (GQA's grid features): its own reader, plan and sources
+    reader = getattr(layout, "packing", lambda folder: None)(folder) or Packing()
     if not source.is_dir() and not (store_dir(feature_path, folder, store_path) / "meta.json").is_file():
         index()  # the DataError naming the folder (and FEATURE_PATH), nothing written
-    return ensure_store(store_dir(feature_path, folder, store_path), {"format": FORMAT, "feat_size": feat_size},
-                        lambda: {str(source.resolve()): folder_state(source, recursive=recursive)},
-                        lambda partial: _pack(partial, feature_path, folder, feat_size, progress, index), WHAT)
+
+    def sources() -> dict[str, Any]:
+        return {str(source.resolve()): folder_state(source, recursive=recursive),
+                **{str(extra.resolve()): folder_state(extra) for extra in reader.sources}}
+
+    return ensure_store(store_dir(feature_path, folder, store_path),
+                        {"format": FORMAT, "feat_size": feat_size, **reader.plan}, sources,
+                        lambda partial: _pack(partial, feature_path, folder, feat_size, progress, index, reader), WHAT)
+
+
+class Packing:
+    """How `pack_folder` reads one image's regions: its feature file as it is (a layout may return another
+    Packing from `packing(folder)`, joining more regions, with the plan keys and source folders that adds)."""
+
+    plan: dict[str, Any] = {}
+    sources: tuple[Path, ...] = ()
+
+    def count(self, path: Path, feat_size: int) -> int:
+        """Regions of one image, from headers."""
+        return count_regions(path, feat_size)
+
+    def read(self, path: Path, feat_size: int) -> tuple[np.ndarray, np.ndarray | None, tuple[int, int] | None]:
+        """Features (N, D), boxes (N, 4) or None, (width, height) or None of one image."""
+        return read_regions(path, feat_size)
 
 
 def _pack(partial: Partial, feature_path: str | Path, folder: str, feat_size: int,
-          progress: Callable[[Sequence, str], Iterable], index: Callable[[], dict[int, Path]]) -> Path:
+          progress: Callable[[Sequence, str], Iterable], index: Callable[[], dict[int, Path]], reader: Packing) -> Path:
     """Write the store into `partial` (see the module docstring), resuming an interrupted packing."""
     paths = index()
     image_ids = np.array(sorted(paths), dtype=np.int64)
@@ -72,7 +95,7 @@ def _pack(partial: Partial, feature_path: str | Path, folder: str, feat_size: in
     if done == 0:  # a fresh start: count regions from the headers, lay out the array
         counts = np.zeros(len(image_ids), dtype=np.int64)
         for i, image_id in enumerate(progress(image_ids.tolist(), f"count {folder}")):
-            counts[i] = region_count(paths[image_id], feature_shape(paths[image_id]), feat_size)
+            counts[i] = reader.count(paths[image_id], feat_size)
         offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
         np.save(partial.path / "offsets.npy", offsets)
         np.lib.format.open_memmap(partial.path / "features.npy", mode="w+", dtype=np.float32,
@@ -86,17 +109,14 @@ def _pack(partial: Partial, feature_path: str | Path, folder: str, feat_size: in
     sizes = np.load(sizes_file) if done and sizes_file.is_file() else np.zeros((len(image_ids), 2), dtype=np.int64)
     for i in progress(range(done, len(image_ids)), f"pack {folder}"):
         path = paths[int(image_ids[i])]
-        x = read_features(path, feat_size, 2**62)  # (N, D), every region
+        x, bbox, size = reader.read(path, feat_size)  # (N, D) every region, (N, 4) or None, (w, h) or None
         if x.shape[0] != offsets[i + 1] - offsets[i]:
             raise DataError(f"{path} changed while it was being packed; run the command again")
         features[offsets[i]: offsets[i + 1]] = x
-        with np.load(path) as npz:
-            if "bbox" in npz.files and npz["bbox"].shape == (x.shape[0], 4):
-                boxes[offsets[i]: offsets[i + 1]] = npz["bbox"]
-            if {"image_w", "image_h"} <= set(npz.files):
-                sizes[i] = int(npz["image_w"]), int(npz["image_h"])
-            elif {"width", "height"} <= set(npz.files):  # openvqa's GQA features
-                sizes[i] = int(npz["width"]), int(npz["height"])
+        if bbox is not None:
+            boxes[offsets[i]: offsets[i + 1]] = bbox
+        if size is not None:
+            sizes[i] = size
         if (i + 1) % _SAVE_EVERY == 0:
             features.flush(), boxes.flush()
             np.save(sizes_file, sizes)

@@ -127,3 +127,22 @@ def region_counts(paths: Sequence[Path], feat_size: int) -> np.ndarray:
     for i, path in enumerate(paths):
         counts[i] = region_count(path, feature_shape(path), feat_size)
     return counts
+
+
+def count_regions(path: Path, feat_size: int) -> int:
+    """Number of regions of one feature file, from its header (no feature is read)."""
+    return region_count(path, feature_shape(path), feat_size)
+
+
+def read_regions(path: Path, feat_size: int) -> tuple[np.ndarray, np.ndarray | None, tuple[int, int] | None]:
+    """Every region of one feature file as the packed store keeps it: features (N, D), boxes (N, 4) or None, and
+    the image's (width, height) (`image_w`/`image_h`, or openvqa's GQA `width`/`height`) or None."""
+    x = read_features(path, feat_size, 2**62)
+    try:
+        with np.load(path) as npz:
+            boxes = np.asarray(npz["bbox"], dtype=np.float32) if "bbox" in npz.files else None
+            keys = next((k for k in (("image_w", "image_h"), ("width", "height")) if set(k) <= set(npz.files)), None)
+            size = (int(npz[keys[0]]), int(npz[keys[1]])) if keys else None
+    except _READ_ERRORS as e:
+        raise _unreadable(path, e) from e
+    return x, (boxes if boxes is not None and boxes.shape == (x.shape[0], 4) else None), size

@@ -39,8 +39,11 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from accuvqa.config import Config
 from accuvqa.data.build import store_home
+from accuvqa.data.features import count_regions, read_regions
 from accuvqa.data.questions import QuestionArrays
 from accuvqa.data.records import QuestionRecord, parse_splits
 from accuvqa.data.vocab import prep_answer, tokenize
@@ -109,6 +112,40 @@ def read_questions(path: Path, what: str) -> dict[str, dict[str, Any]]:
     return data
 
 
+class GridPacking:
+    """An image's frcn regions followed by its grid cells (`gqa-grid/<imageId>.npz`, x (49, D)), each cell's box
+    a square of the image's 7 x 7 grid: what `feature_store.pack_folder` packs with GQA_GRID True."""
+
+    plan = {"grid": True}
+
+    def __init__(self, grid_folder: Path) -> None:
+        self.grid_folder = grid_folder
+        self.sources = (grid_folder,)
+
+    def _grid_file(self, path: Path) -> Path:
+        grid = self.grid_folder / path.name
+        if not grid.is_file():
+            raise DataError(f"missing grid features {grid} of {path} (GQA_GRID True joins them to its regions); "
+                            f"{HINT}")
+        return grid
+
+    def count(self, path: Path, feat_size: int) -> int:
+        return count_regions(path, feat_size) + count_regions(self._grid_file(path), feat_size)
+
+    def read(self, path: Path, feat_size: int) -> tuple[np.ndarray, np.ndarray | None, tuple[int, int] | None]:
+        x, boxes, size = read_regions(path, feat_size)
+        grid, _, _ = read_regions(self._grid_file(path), feat_size)
+        side = int(round(len(grid) ** 0.5))
+        if side * side != len(grid):
+            raise DataError(f"{self._grid_file(path)}: {len(grid)} grid cells, not a square grid (GQA's is 7 x 7)")
+        width, height = size if size is not None else (side, side)
+        edges_x, edges_y = np.linspace(0, width, side + 1), np.linspace(0, height, side + 1)
+        cells = np.array([[edges_x[c], edges_y[r], edges_x[c + 1], edges_y[r + 1]]
+                          for r in range(side) for c in range(side)], dtype=np.float32)  # row-major, as x's rows
+        regions = np.zeros((len(x), 4), dtype=np.float32) if boxes is None else boxes
+        return np.concatenate([x, grid]), np.concatenate([regions, cells]), size
+
+
 class GqaLayout:
     """DATASET gqa: the module docstring's layout, at DATASET_PATH and FEATURE_PATH."""
 
@@ -118,6 +155,7 @@ class GqaLayout:
 
     def __init__(self, cfg: Config) -> None:
         self.dataset_path, self.feature_path = Path(cfg.DATASET_PATH), Path(cfg.FEATURE_PATH)
+        self.grid = cfg.GQA_GRID
         if parse_splits(cfg.TRAIN_SPLIT) != ["train"]:  # openvqa's train+val means val_balanced; our val is testdev
             raise ConfigError(f"TRAIN_SPLIT {cfg.TRAIN_SPLIT!r}: DATASET gqa trains on train (train_balanced) only; "
                               f"its val is testdev_balanced, the split it is scored on (docs/datasets.md#gqa)")
@@ -177,6 +215,10 @@ class GqaLayout:
 
     def feature_file(self, folder: str, image_id: int) -> Path:
         return self.feature_path / folder / f"{image_text(image_id) or '<imageId>'}.npz"
+
+    def packing(self, folder: str) -> GridPacking | None:
+        """With GQA_GRID: each image's regions are its frcn regions, then its grid cells (feature_store.pack_folder)."""
+        return GridPacking(self.feature_path / GRID) if self.grid and folder == FRCN else None
 
     # --- scoring: openvqa's GQAEval, GQA's predictions file
     def scoring_data(self, split: str, records: list[QuestionRecord]) -> dict[str, Any] | None:
