@@ -304,13 +304,13 @@ def test_predict_command_errors_are_named(tiny_trained, test_png, tmp_path, monk
         def forward(self, *inputs):
             return self.inner(*inputs)
 
-    load_trained = predict_module.load_trained
+    load_trained_state = predict_module.load_trained_state
 
     def load_without_attention(cfg, device):
-        model, *rest = load_trained(cfg, device)
+        model, *rest = load_trained_state(cfg, device)
         return (NoAttention(model), *rest)
 
-    monkeypatch.setattr(predict_module, "load_trained", load_without_attention)
+    monkeypatch.setattr(predict_module, "load_trained_state", load_without_attention)
     capsys.readouterr()
     assert predict_module.main(tiny_trained, _args(image)) == 0  # answers alone still work
     assert len(capsys.readouterr().out.splitlines()) == 5

@@ -53,7 +53,8 @@ def test_the_model_is_loaded_once_not_per_question(page, png, monkeypatch):
     def no_reload(*args):
         raise AssertionError("the checkpoint was loaded again")
 
-    monkeypatch.setattr("accuvqa.predict.load_trained", no_reload)
+    monkeypatch.setattr("accuvqa.predict.load_trained_state", no_reload)
+    monkeypatch.setattr("accuvqa.checkpoint.load_trained_state", no_reload)
     monkeypatch.setattr("accuvqa.checkpoint.load_trained", no_reload)
     assert len(page.ask(png, None, None, QUESTION).answers) == 5
     assert len(page.ask(None, None, page.images[0].name, "Is there a circle?").answers) == 5
