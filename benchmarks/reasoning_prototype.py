@@ -1,11 +1,14 @@
 """Prototype training on the bundled CLEVR-style reasoning set: generate it, train MCAN through accuvqa's own
 recipe (loss, optimizer, MCAN's warm-up and decays, GradientAccumulator), score the test split per family.
 
-    .venv/bin/python benchmarks/reasoning_prototype.py --features object --minutes 10 \
-        --set HIDDEN_SIZE=128 LAYER=2 LR_BASE=0.001 MAX_EPOCH=12
+    .venv/bin/python benchmarks/reasoning_prototype.py --threads 1 --minutes 10 --json out.json
+    .venv/bin/python benchmarks/reasoning_prototype.py --set HIDDEN_SIZE=128 BATCH_SIZE=64 LR_BASE=0.001
 
-Prints one line per epoch (train seconds so far, test accuracy overall and per openvqa group) and a final
-per-family table; `--json FILE` writes the same as JSON. Training time excludes the per-epoch scoring.
+The defaults are configs/clevr_shapes.yml's keys and data (1500 train images, 250 test images, generated once and
+cached under --data). Prints one line per epoch (train seconds so far, test accuracy overall and per family
+group as clevr_metrics.FAMILIES and `accuvqa val` group them: equal_integer under Compare_Attribute) and a final
+per-family table; `--json FILE` writes the same as JSON. Training time excludes the per-epoch scoring; batches
+are trimmed to their longest question, as accuvqa's loader does.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import numpy as np
 import torch
 
 from accuvqa.accumulate import GradientAccumulator
+from accuvqa.clevr_metrics import FAMILIES as GROUPS
 from accuvqa.config import load_config
 from accuvqa.data import scenes
 from accuvqa.data.vocab import build_token_dict, encode_question
@@ -28,9 +32,9 @@ from accuvqa.models import build_model
 from accuvqa.recipe import lr_at, make_loss_fn, make_optimizer
 
 DEFAULTS = {  # the preset's keys (configs/clevr_shapes.yml)
-    "WORD_EMBED_SIZE": 64, "LAYER": 2, "HIDDEN_SIZE": 128, "MULTI_HEAD": 4, "DROPOUT_R": 0.0, "FF_SIZE": 256,
-    "FLAT_MLP_SIZE": 128, "FLAT_OUT_SIZE": 256, "BATCH_SIZE": 64, "MAX_EPOCH": 12, "LR_BASE": 0.001,
-    "LR_DECAY_LIST": [9, 11], "LR_DECAY_R": 0.2, "USE_GLOVE": False, "MAX_TOKEN": 24, "SEED": 0,
+    "WORD_EMBED_SIZE": 32, "LAYER": 2, "HIDDEN_SIZE": 64, "MULTI_HEAD": 4, "DROPOUT_R": 0.0, "FF_SIZE": 128,
+    "FLAT_MLP_SIZE": 64, "FLAT_OUT_SIZE": 128, "BATCH_SIZE": 32, "MAX_EPOCH": 16, "LR_BASE": 0.0005,
+    "LR_DECAY_LIST": [13, 15], "LR_DECAY_R": 0.2, "USE_GLOVE": False, "MAX_TOKEN": 20, "SEED": 0,
 }
 
 
@@ -41,13 +45,18 @@ def parse_value(text: str):
     return yaml.safe_load(text)
 
 
-def dataset(root: Path, images: dict[str, int], seed: int, image_size: int, qpi: int) -> Path:
-    """Generate the set once per setting (cached under `root`)."""
-    tag = f"s{seed}_i{image_size}_q{qpi}_" + "_".join(f"{k}{v}" for k, v in images.items())
+def dataset(root: Path, images: dict[str, int], seed: int, image_size: int, qpi: int,
+            train_mix: dict[str, int] | None = None) -> Path:
+    """Generate the set once per setting (cached under `root`; the tag names the generator's design)."""
+    train_mix = scenes.TRAIN_MIX if train_mix is None else train_mix
+    mix = "".join(str(train_mix.get(f, 1)) for f in scenes.FAMILIES)
+    tag = (f"s{seed}_i{image_size}_q{qpi}_c{scenes.MAX_COUNT}_m{mix}_"
+           + "_".join(f"{k}{v}" for k, v in images.items()))
     out = root / tag
     if not (out / "done.json").is_file():
         t = time.perf_counter()
-        summary = scenes.generate(out, images, seed=seed, image_size=image_size, questions_per_image=qpi)
+        summary = scenes.generate(out, images, seed=seed, image_size=image_size, questions_per_image=qpi,
+                                  train_mix=train_mix)
         summary["seconds"] = time.perf_counter() - t
         (out / "done.json").write_text(json.dumps(summary, indent=1))
         print(f"generated {out} in {summary['seconds']:.0f} s", flush=True)
@@ -86,8 +95,12 @@ def encode(questions: list[dict], token_to_ix: dict, ans_to_ix: dict, max_token:
     return q, a, img, fam
 
 
+GROUP_OF = {function: group for group, functions in GROUPS.items() for function in functions}
+
+
 def score(model, feats, q, a, img, fam, batch: int = 512) -> dict:
-    """Accuracy (percent) overall, per openvqa group and per family."""
+    """Accuracy (percent) overall, per openvqa group (clevr_metrics.FAMILIES, as `accuvqa val` reports) and per
+    family (the program's last function)."""
     model.eval()
     pred = []
     with torch.no_grad():
@@ -99,7 +112,7 @@ def score(model, feats, q, a, img, fam, batch: int = 512) -> dict:
     by_fam, by_group = defaultdict(list), defaultdict(list)
     for k, f in zip(ok, fam):
         by_fam[f].append(k)
-        by_group[scenes.FAMILY_GROUPS[f]].append(k)
+        by_group[GROUP_OF[f]].append(k)
     return {"overall": 100 * ok.mean(), "groups": {g: 100 * np.mean(v) for g, v in sorted(by_group.items())},
             "families": {f: 100 * np.mean(v) for f, v in sorted(by_fam.items())}}
 
@@ -107,14 +120,21 @@ def score(model, feats, q, a, img, fam, batch: int = 512) -> dict:
 def main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data", type=Path, default=Path("/tmp/accuvqa_reasoning"))
-    p.add_argument("--train-images", type=int, default=3000)
-    p.add_argument("--test-images", type=int, default=500)
-    p.add_argument("--questions-per-image", type=int, default=10)
+    p.add_argument("--train-images", type=int, default=1500)
+    p.add_argument("--test-images", type=int, default=250)
+    p.add_argument("--questions-per-image", type=int, default=20)
     p.add_argument("--image-size", type=int, default=128)
     p.add_argument("--data-seed", type=int, default=0)
+    p.add_argument("--use-images", type=int, default=0,
+                   help="train on the first N train images only (0: all); the generator writes a set's images and "
+                        "questions in order, so this is the set that --train-images N would write")
     p.add_argument("--keep-questions", type=int, default=0,
                    help="train on the first K questions of each image only (0: all): shorter epochs, same images")
+    p.add_argument("--train-mix", default=None,
+                   help="train's family weights: 'uniform' or family=weight,... (default scenes.TRAIN_MIX)")
     p.add_argument("--features", default="object", help="object, or gridN (N x N cells)")
+    p.add_argument("--feature-rows", default="",
+                   help="keep only these feature rows, e.g. 0-15,40-41,47 (others zeroed; default all)")
     p.add_argument("--minutes", type=float, default=10.0, help="training-time budget (stops after the epoch past it)")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="config keys over DEFAULTS")
     p.add_argument("--threads", type=int, default=2)
@@ -122,12 +142,16 @@ def main(argv: list[str]) -> int:
     args = p.parse_args(argv)
 
     torch.set_num_threads(args.threads)
+    mix = None if args.train_mix is None else {} if args.train_mix == "uniform" else {
+        f: int(w) for f, w in (part.split("=") for part in args.train_mix.split(","))}
     root = dataset(args.data, {"train": args.train_images, "test": args.test_images}, args.data_seed,
-                   args.image_size, args.questions_per_image)
+                   args.image_size, args.questions_per_image, mix)
     keys = dict(DEFAULTS)
     keys.update({k: parse_value(v) for k, v in (s.split("=", 1) for s in args.set)})
     train_q, _ = scenes.load_split(root, "train")
     test_q, _ = scenes.load_split(root, "test")
+    if args.use_images:
+        train_q = [q for q in train_q if q["image_index"] < args.use_images]
     if args.keep_questions:
         seen: dict[int, int] = defaultdict(int)
         kept = []
@@ -140,6 +164,13 @@ def main(argv: list[str]) -> int:
     t0 = time.perf_counter()
     train_f = load_features(root, "train", args.train_images, args.features, pad)
     test_f = load_features(root, "test", args.test_images, args.features, pad)
+    if args.feature_rows:
+        keep = np.zeros(train_f.shape[2], dtype=bool)
+        for part in args.feature_rows.split(","):
+            lo, _, hi = part.partition("-")
+            keep[int(lo):int(hi or lo) + 1] = True
+        train_f[..., ~keep] = 0.0
+        test_f[..., ~keep] = 0.0
     print(f"features {args.features}: {train_f.shape} in {time.perf_counter() - t0:.0f} s", flush=True)
     keys.update({"IMG_FEAT_SIZE": train_f.shape[2], "IMG_FEAT_PAD_SIZE": pad})
     cfg = load_config(None, keys)
@@ -176,7 +207,9 @@ def main(argv: list[str]) -> int:
                 group["lr"] = lr
             target = torch.zeros(len(idx), len(answers))
             target[torch.arange(len(idx)), a_t[idx]] = 1.0
-            batch = {"img_feat": feats_t[img_t[idx]], "ques_ix": q_t[idx], "answer_scores": target}
+            ques = q_t[idx]
+            ques = ques[:, :max(1, int((ques != 0).sum(1).max()))]  # dynamic padding, as accuvqa's loader
+            batch = {"img_feat": feats_t[img_t[idx]], "ques_ix": ques, "answer_scores": target}
             loss_sum += float(accumulator.step(batch, loss_fn).loss)
         train_s += time.perf_counter() - start
         result = score(model, test_f, *te)

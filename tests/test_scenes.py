@@ -154,8 +154,46 @@ def test_all_families_present_and_answers_balanced(sample):
     assert all(v <= 65 for f, v in baseline.items()), baseline
 
 
+def test_counted_sets_stay_within_max_count(sample):
+    root, _ = sample
+    questions, scene_list = scenes.load_split(root, "train")
+    counted = 0
+    for q in questions:
+        scene, program = scene_list[q["image_index"]], q["program"]
+        for k, node in enumerate(program):
+            if node["function"] == "count":  # run the program up to this count, independently of the answer
+                n = int(scenes.execute(program[:k + 1], scene))
+                assert n <= scenes.MAX_COUNT, (q["question"], n)
+                counted += 1
+    assert counted > 50
+    answers = {q["answer"] for q in questions if scenes.family_of(q["program"]) == "count"}
+    assert answers == {str(n) for n in range(scenes.MAX_COUNT + 1)}
+
+
+def test_train_follows_the_mix_and_test_asks_every_family_alike(tmp_path):
+    mix = {"count": 4, "equal_integer": 2, "less_than": 2, "greater_than": 2, "equal_color": 2, "equal_shape": 2,
+           "equal_size": 2, "equal_material": 2}  # 23 questions per cycle
+    scenes.generate(tmp_path, {"train": 12, "test": 12}, seed=1, image_size=96, questions_per_image=23,
+                    max_objects=6, features=False, train_mix=mix)
+    share = {}
+    for split in ("train", "test"):
+        questions, _ = scenes.load_split(tmp_path, split)
+        counts = {f: 0 for f in scenes.FAMILIES}
+        for q in questions:
+            counts[scenes.family_of(q["program"])] += 1
+        share[split] = {f: c / len(questions) for f, c in counts.items()}
+    weights = {f: mix.get(f, 1) for f in scenes.FAMILIES}
+    assert share["train"]["count"] > 2.5 * share["train"]["exist"]  # the mix gives count 4, exist 1
+    for f, w in weights.items():  # a few draws fail (no unique description): shares within 2 points
+        assert abs(share["train"][f] - w / sum(weights.values())) < 0.02, (f, share["train"])
+        assert abs(share["test"][f] - 1 / len(scenes.FAMILIES)) < 0.02, (f, share["test"])
+    assert scenes.mix_cycle({"count": 3})[:len(scenes.FAMILIES) + 2] == list(scenes.FAMILIES) + ["count"] * 2
+
+
 def test_bad_arguments_are_data_errors(tmp_path):
     with pytest.raises(DataError, match="split"):
         scenes.generate(tmp_path, {"dev": 1}, seed=0)
     with pytest.raises(DataError, match="min_objects"):
         scenes.generate(tmp_path, {"train": 1}, seed=0, min_objects=5, max_objects=4)
+    with pytest.raises(DataError, match="family mix"):
+        scenes.generate(tmp_path, {"train": 1}, seed=0, train_mix={"count": 0})
