@@ -171,15 +171,15 @@ def _interrupt_packing_at_the_8th_image(layout, monkeypatch) -> tuple[list, obje
     marks at 3 and 6): (the files read, the real reader)."""
     monkeypatch.setattr(store_module, "_SAVE_EVERY", 3)
     reads = []
-    real_read = store_module.read_features
+    real_read = store_module.read_regions
 
-    def failing_read(path, feat_size, pad_size):
+    def failing_read(path, feat_size):
         reads.append(path)
         if len(reads) == 8:
             raise KeyboardInterrupt
-        return real_read(path, feat_size, pad_size)
+        return real_read(path, feat_size)
 
-    monkeypatch.setattr(store_module, "read_features", failing_read)
+    monkeypatch.setattr(store_module, "read_regions", failing_read)
     with pytest.raises(KeyboardInterrupt):
         pack_folder(layout["FEATURE_PATH"], "train2014", FEAT)
     return reads, real_read
@@ -193,7 +193,7 @@ def test_an_interrupted_packing_resumes_where_it_stopped(layout, monkeypatch):
     assert json.loads((partial / "progress.json").read_text())["done"] == 6
     assert set(json.loads((partial / "plan.json").read_text())) == {"plan", "sources"}
     reads.clear()
-    monkeypatch.setattr(store_module, "read_features", lambda *a: reads.append(a[0]) or real_read(*a))
+    monkeypatch.setattr(store_module, "read_regions", lambda *a: reads.append(a[0]) or real_read(*a))
     pack_folder(layout["FEATURE_PATH"], "train2014", FEAT)
     assert len(reads) == 10 - 6  # only the images not packed yet
     assert not partial.exists()
@@ -216,7 +216,7 @@ def test_an_interrupted_packing_whose_folder_changed_since_starts_afresh(layout,
         kept = {k: npz[k] for k in npz.files}
     np.savez(path, **{**kept, "x": -kept["x"]})
     reads.clear()
-    monkeypatch.setattr(store_module, "read_features", lambda *a: reads.append(a[0]) or real_read(*a))
+    monkeypatch.setattr(store_module, "read_regions", lambda *a: reads.append(a[0]) or real_read(*a))
     store = PackedFeatures(pack_folder(layout["FEATURE_PATH"], "train2014", FEAT), FEAT)
     assert len(reads) == 10  # every image packed again
     assert np.array_equal(store.read(first, 100), -kept["x"].T)
