@@ -22,6 +22,7 @@ from accuvqa.data.loader import batch_loader, eval_batches, load_questions, make
 from accuvqa.data.question_store import question_store
 from accuvqa.data.questions import QuestionArrays
 from accuvqa.data.records import QuestionRecord
+from accuvqa.data.scoring import vqa_score
 from accuvqa.data.vocab import Vocab
 from accuvqa.files import append_jsonl, write_json_atomic
 from accuvqa.metrics import evaluate as vqa_evaluate
@@ -67,12 +68,10 @@ def predict_dataset(model: torch.nn.Module, dataset: VQADataset, cfg: Config, de
 def score_predictions(records: Sequence[QuestionRecord] | QuestionArrays, answers: Sequence[str]) -> dict[str, Any]:
     """Official VQA accuracy (percent) overall, per answer type and per question type."""
     if isinstance(records, QuestionArrays):
-        predictions = dict(zip(records.question_id.tolist(), answers))
-        questions = records.scoring_table()
-    else:
-        predictions = {r.question_id: a for r, a in zip(records, answers)}
-        questions = {r.question_id: {"answers": list(r.answers), "answer_type": r.answer_type,
-                                     "question_type": r.question_type} for r in records}
+        return vqa_score(records, list(answers))
+    predictions = {r.question_id: a for r, a in zip(records, answers)}
+    questions = {r.question_id: {"answers": list(r.answers), "answer_type": r.answer_type,
+                                 "question_type": r.question_type} for r in records}
     return vqa_evaluate(predictions, questions)
 
 

@@ -372,14 +372,14 @@ def prepare_folder(cfg: Config) -> dict[str, dict[str, Any]]:
     for split in splits:
         sources, feature_file = image_sources(layout, split)
         unreadable = layout.unreadable(split)
-        todo = [s for s in sources if not feature_file(s.name).is_file()]
-        if todo and not (set(s.name for s in todo) <= unreadable and not cfg.BACKBONE_WEIGHTS):
+        todo = {s.name for s in sources if not feature_file(s.name).is_file()}
+        extracted = 0
+        if todo and not (todo <= unreadable and not cfg.BACKBONE_WEIGHTS):  # only known-bad ones, no weights: skip
             extractor = extractor or Extractor.from_config(cfg)
             done = extract(sources, layout.feature_path / split, extractor, cfg.EXTRACT_BATCH_SIZE, cfg.VERBOSE)
-            unreadable = {name for name, _ in done.bad}
+            extracted, unreadable = done.done, {name for name, _ in done.bad}
             for name, why in done.bad:
                 log.warning("%s image %s cannot be read (%s): its questions are left out", split, name, why)
             write_json_atomic(layout.feature_path / split / UNREADABLE_FILE, sorted(unreadable))
-        summary[split] = {"images": len(sources), "extracted now": len(todo) - len(unreadable & {s.name for s in todo}),
-                          "unreadable": sorted(unreadable)}
+        summary[split] = {"images": len(sources), "extracted now": extracted, "unreadable": sorted(unreadable)}
     return summary
