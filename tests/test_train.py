@@ -9,7 +9,7 @@ from accuvqa.config import load_config
 from accuvqa.data.features import feature_file
 from accuvqa.data.loader import epoch_batches, make_dataset
 from accuvqa.data.records import load_records
-from accuvqa.errors import DataError
+from accuvqa.errors import ConfigError, DataError
 from accuvqa.models import model_inputs
 from accuvqa.runtime import Runtime
 from accuvqa.recipe import lr_at
@@ -28,6 +28,22 @@ def test_lr_schedule_warms_up_then_decays_like_mcan():
     assert lr_at(cfg, 32, 3, per_epoch) == 1.0
     assert lr_at(cfg, 45, 4, per_epoch) == 0.5  # 0-based epoch 4: first decay
     assert lr_at(cfg, 60, 5, per_epoch) == 0.25
+
+
+def test_warmup_epoch_follows_openvqa_formula():
+    per_epoch = 10.5
+    # openvqa's GQA MCAN presets: WARMUP_EPOCH 2; thresholds int(10.5 * 3 * 0.25k) = 7, 15, 23 updates at 1/3, 2/3, 1
+    cfg = load_config(overrides={"LR_BASE": 3.0, "WARMUP_EPOCH": 2})
+    got = [lr_at(cfg, u, u // 11, per_epoch) for u in (1, 7, 8, 15, 16, 23, 24)]
+    assert got == pytest.approx([1.0, 1.0, 2.0, 2.0, 3.0, 3.0, 3.0], rel=1e-15)
+    # 1: thresholds 5, 10, 15 at 1/2, then 2/2, and 3/2 capped at LR_BASE
+    cfg = load_config(overrides={"LR_BASE": 1.0, "WARMUP_EPOCH": 1})
+    assert [lr_at(cfg, u, 0, per_epoch) for u in (5, 6, 11, 16)] == [0.5, 1.0, 1.0, 1.0]
+    # 0: no warm-up
+    cfg = load_config(overrides={"LR_BASE": 1.0, "WARMUP_EPOCH": 0})
+    assert lr_at(cfg, 1, 0, per_epoch) == 1.0
+    with pytest.raises(ConfigError, match="WARMUP_EPOCH must be >= 0, got -1"):
+        load_config(overrides={"WARMUP_EPOCH": -1})
 
 
 def _held_out_logits(cfg, records) -> torch.Tensor:

@@ -82,7 +82,10 @@ class Config:
                                       "soft scores normalised to sum 1)")
     AMP: str = _training("off", "mixed precision: off, bf16 (autocast) or fp16 (autocast + gradient scaling, CUDA)")
     MAX_EPOCH: int = _training(13, "epochs to train")
-    LR_BASE: float = _training(0.0001, "learning rate after the warm-up (the first three epochs ramp up to it)")
+    LR_BASE: float = _training(0.0001, "learning rate after the warm-up (WARMUP_EPOCH epochs ramp up to it)")
+    WARMUP_EPOCH: int = _training(3, "warm-up length as openvqa counts it: LR_BASE x 1/(W+1), 2/(W+1), 3/(W+1), "
+                                     "each for (W+1)/4 epochs' updates (3: MCAN's 1/4, 2/4, 3/4 over three epochs; "
+                                     "0: none)")
     LR_DECAY_R: float = _training(0.2, "factor applied to the learning rate at each LR_DECAY_LIST epoch")
     LR_DECAY_LIST: list[int] = _training(doc="0-based epochs from which the learning rate is decayed",
                                          factory=lambda: [10, 12])
@@ -289,7 +292,8 @@ def _validate(cfg: Config, sources: Mapping[str, str]) -> None:
                           + (f" (did you mean {close[0]!r}?)" if close else ""))
     if not 0.0 < cfg.VAL_FRACTION < 1.0:
         raise ConfigError(f"VAL_FRACTION must be in (0, 1), got {cfg.VAL_FRACTION}")
-    for key in ("NUM_WORKERS", "CKPT_EVERY_STEPS", "KEEP_CKPTS", "BUCKET_WINDOW", "ANSWER_MIN_COUNT", "SCENE_IMAGES"):
+    for key in ("NUM_WORKERS", "CKPT_EVERY_STEPS", "KEEP_CKPTS", "BUCKET_WINDOW", "ANSWER_MIN_COUNT", "SCENE_IMAGES",
+                "WARMUP_EPOCH"):
         if getattr(cfg, key) < 0:
             raise ConfigError(f"{key} must be >= 0, got {getattr(cfg, key)}{where(key)}")
     require_positive(cfg, ["MAX_BAD_UPDATES", "LOG_EVERY_STEPS", "DIST_TIMEOUT"], where)

@@ -21,13 +21,19 @@ def lr_base_at(cfg: Config, epoch: int) -> float:
 def lr_at(cfg: Config, update: int, epoch: int, updates_per_epoch: float) -> float:
     """MCAN's learning rate for the `update`-th update (from 1) during 0-based `epoch`.
 
-    Warm-up: LR_BASE x 1/4, 2/4, 3/4 over the first three epochs' worth of updates, then LR_BASE;
-    LR_BASE is multiplied by LR_DECAY_R from each 0-based epoch listed in LR_DECAY_LIST on.
+    Warm-up, as openvqa's WarmupOptimizer counts it with W = WARMUP_EPOCH: LR_BASE x k/(W+1) while `update`
+    is at most int(updates_per_epoch x (W+1) x 0.25k), for k = 1, 2, 3; then LR_BASE. W = 3 is mcan-vqa's fixed
+    1/4, 2/4, 3/4 over the first three epochs; W = 0 is no warm-up (openvqa's formula would step to 2 and 3
+    times LR_BASE there, as it would to 1.5 times at W = 1, so the factor is capped at 1). LR_BASE is
+    multiplied by LR_DECAY_R from each 0-based epoch listed in LR_DECAY_LIST on.
     """
     base = lr_base_at(cfg, epoch)
+    warmup = cfg.WARMUP_EPOCH
+    if warmup == 0:
+        return base
     for k in (1, 2, 3):
-        if update <= int(updates_per_epoch * k):
-            return base * k / 4
+        if update <= int(updates_per_epoch * (warmup + 1) * (0.25 * k)):
+            return base * min(k / (warmup + 1), 1.0)
     return base
 
 
