@@ -122,7 +122,7 @@ def main(argv: list[str]) -> int:
     p.add_argument("--data", type=Path, default=Path("/tmp/accuvqa_reasoning"))
     p.add_argument("--train-images", type=int, default=1500)
     p.add_argument("--test-images", type=int, default=250)
-    p.add_argument("--questions-per-image", type=int, default=20)
+    p.add_argument("--questions-per-image", type=int, default=scenes.QUESTIONS_PER_IMAGE)
     p.add_argument("--image-size", type=int, default=128)
     p.add_argument("--data-seed", type=int, default=0)
     p.add_argument("--use-images", type=int, default=0,
@@ -132,11 +132,15 @@ def main(argv: list[str]) -> int:
                    help="train on the first K questions of each image only (0: all): shorter epochs, same images")
     p.add_argument("--train-mix", default=None,
                    help="train's family weights: 'uniform' or family=weight,... (default scenes.TRAIN_MIX)")
+    p.add_argument("--families", default="",
+                   help="train and test on these families only, e.g. count,equal_integer (default all)")
     p.add_argument("--features", default="object", help="object, or gridN (N x N cells)")
     p.add_argument("--feature-rows", default="",
                    help="keep only these feature rows, e.g. 0-15,40-41,47 (others zeroed; default all)")
     p.add_argument("--minutes", type=float, default=10.0, help="training-time budget (stops after the epoch past it)")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="config keys over DEFAULTS")
+    p.add_argument("--unset", nargs="*", default=[], metavar="KEY",
+                   help="drop these DEFAULTS keys (another MODEL_USE's keys, e.g. LAYER FF_SIZE for ban)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--json", type=Path)
     args = p.parse_args(argv)
@@ -148,8 +152,14 @@ def main(argv: list[str]) -> int:
                    args.image_size, args.questions_per_image, mix)
     keys = dict(DEFAULTS)
     keys.update({k: parse_value(v) for k, v in (s.split("=", 1) for s in args.set)})
+    for key in args.unset:
+        keys.pop(key, None)
     train_q, _ = scenes.load_split(root, "train")
     test_q, _ = scenes.load_split(root, "test")
+    if args.families:
+        keep_families = set(args.families.split(","))
+        train_q = [q for q in train_q if scenes.family_of(q["program"]) in keep_families]
+        test_q = [q for q in test_q if scenes.family_of(q["program"]) in keep_families]
     if args.use_images:
         train_q = [q for q in train_q if q["image_index"] < args.use_images]
     if args.keep_questions:

@@ -21,9 +21,11 @@ def _digests(root: Path) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def sample(tmp_path_factory) -> tuple[Path, dict]:
-    """A small generated set, shared by the tests that only read it."""
+    """A small generated set, shared by the tests that only read it; its train split asks the families alike (the
+    default mix asks count once in 33 questions, too rarely for 260 questions to show its balance)."""
     root = tmp_path_factory.mktemp("reasoning")
-    summary = scenes.generate(root, {"train": 26, "test": 2}, seed=3, image_size=128, questions_per_image=10)
+    summary = scenes.generate(root, {"train": 26, "test": 2}, seed=3, image_size=128, questions_per_image=10,
+                              train_mix={})
     return root, summary
 
 
@@ -197,3 +199,39 @@ def test_bad_arguments_are_data_errors(tmp_path):
         scenes.generate(tmp_path, {"train": 1}, seed=0, min_objects=5, max_objects=4)
     with pytest.raises(DataError, match="family mix"):
         scenes.generate(tmp_path, {"train": 1}, seed=0, train_mix={"count": 0})
+
+
+def test_count_comparisons_script_scores_predictions_by_the_counts_compared(tmp_path):
+    """benchmarks/count_comparisons.py: all answers right gives 100 on every line; answers flipped where the two
+    counts are equal give 0 on the |A-B| = 0 lines and 100 elsewhere."""
+    import subprocess
+    import sys
+
+    mix = {"equal_integer": 3, "less_than": 3, "greater_than": 3}
+    scenes.generate(tmp_path, {"test": 10}, seed=4, image_size=96, questions_per_image=12, max_objects=6,
+                    features=False, train_mix=mix)
+    questions, scene_list = scenes.load_split(tmp_path, "test")
+    script = Path(__file__).parent.parent / "benchmarks" / "count_comparisons.py"
+
+    def run(answers: list[str]) -> list[list[str]]:
+        (tmp_path / "pred.txt").write_text("\n".join(answers) + "\n")
+        out = subprocess.run([sys.executable, str(script), str(tmp_path), str(tmp_path / "pred.txt")],
+                             capture_output=True, text=True, check=True).stdout
+        return [line.split() for line in out.splitlines() if line[:1].isalpha() and "questions" not in line]
+
+    rows = run([q["answer"] for q in questions])
+    assert rows and all(float(r[-1]) == 100.0 for r in rows)
+    flipped = []
+    for q in questions:
+        tie = False
+        if scenes.family_of(q["program"]) in ("equal_integer", "less_than", "greater_than"):
+            program, scene = q["program"], scene_list[q["image_index"]]
+            a, b = [int(scenes.execute(program[:k + 1], scene)) for k, n in enumerate(program)
+                    if n["function"] == "count"]
+            tie = a == b
+        flipped.append({"yes": "no", "no": "yes"}[q["answer"]] if tie else q["answer"])
+    rows = run(flipped)
+    gap_rows = {(r[0], int(r[1])): (int(r[2]), float(r[3])) for r in rows}
+    assert {gap for _, gap in gap_rows} >= {0, 1}
+    for (family, gap), (n, accuracy) in gap_rows.items():
+        assert n > 0 and accuracy == (0.0 if gap == 0 else 100.0), (family, gap, accuracy)
