@@ -33,8 +33,8 @@ from accuvqa.recipe import lr_at, make_loss_fn, make_optimizer
 
 DEFAULTS = {  # the preset's keys (configs/clevr_shapes.yml)
     "WORD_EMBED_SIZE": 32, "LAYER": 2, "HIDDEN_SIZE": 64, "MULTI_HEAD": 4, "DROPOUT_R": 0.0, "FF_SIZE": 128,
-    "FLAT_MLP_SIZE": 64, "FLAT_OUT_SIZE": 128, "BATCH_SIZE": 32, "MAX_EPOCH": 16, "LR_BASE": 0.0005,
-    "LR_DECAY_LIST": [13, 15], "LR_DECAY_R": 0.2, "USE_GLOVE": False, "MAX_TOKEN": 20, "SEED": 0,
+    "FLAT_MLP_SIZE": 64, "FLAT_GLIMPSES": 2, "FLAT_OUT_SIZE": 128, "BATCH_SIZE": 128, "MAX_EPOCH": 20,
+    "LR_BASE": 0.0005, "LR_DECAY_LIST": [17, 19], "LR_DECAY_R": 0.2, "USE_GLOVE": False, "MAX_TOKEN": 20, "SEED": 0,
 }
 
 

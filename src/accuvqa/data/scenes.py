@@ -512,13 +512,14 @@ TEMPLATES: dict[str, tuple[str, ...]] = {  # family -> question texts; {A}/{B} p
 }
 FAMILIES = tuple(TEMPLATES)
 
-# The data design (measured with benchmarks/reasoning_prototype.py; see clevr_shapes.yml): counts over
-# 0..MAX_COUNT, although images hold 3..10 objects (exact counts of larger sets are what a small MCAN learns last).
-# 60 questions per image; train asks the two-object comparisons more often (TRAIN_MIX), val and test ask the 13
-# families alike. At 20 questions per image, all families alike, 1500 train images (2,300 questions per equal_*
-# family), a small MCAN memorised equal_* and stayed at chance on test after 16 epochs (54.6%); at 60 per image
-# with these weights (11,000 per equal_* family) it generalised: equal_* 94-99% after 12 epochs. Fewer
-# questions per image with the same weights learnt query_* more slowly, as every other family needs it first.
+# The data design (measured with benchmarks/reasoning_prototype.py and make demo; see clevr_shapes.yml): counts
+# over 0..MAX_COUNT, although images hold 3..10 objects (exact counts of larger sets are what a small MCAN learns
+# last). 60 questions per image; train asks the two-object comparisons more often (TRAIN_MIX), val and test ask
+# the 13 families alike. At 20 questions per image, all families alike, 1500 train images (1,900-2,300 questions
+# per equal_* family), a small MCAN memorised equal_* and stayed at chance on test after 16 epochs (54.6%); at 60
+# per image with these weights (9,100-10,700 per equal_* family) it generalised: equal_* 99.7-100%. At 20 per
+# image, a mix asking count and the comparisons more often (weights 4 and 2) learnt query_*, which every other
+# family needs first, more slowly: 59% against 100% after 15 epochs (600 train images).
 MAX_COUNT = 5
 TRAIN_MIX: dict[str, int] = {  # family -> weight (1 where unnamed)
     "equal_color": 4, "equal_shape": 4, "equal_size": 4, "equal_material": 4,
