@@ -2,6 +2,7 @@
 `train()`, `val` and `test` under torchrun and `accuvqa train --nproc` give one process's results; a run
 resumes on another number of processes; a failing, killed or hung process ends the job."""
 
+import gc
 import json
 import os
 import signal
@@ -72,26 +73,33 @@ class Recorder(torch.optim.Optimizer):
         self.seen.append([p.grad.clone() for g in self.param_groups for p in g["params"]])
 
 
+def _accumulate_share(rank: int, world: int, out_dir: str, reduction: str, micro_batches: int) -> None:
+    """One process's share through DDP and the accumulator; what it computed saved to out_dir. DDP (which holds
+    the process group) is freed on return, before the group is closed."""
+    model = make_model()
+    ddp = nn.parallel.DistributedDataParallel(model)
+    opt = Recorder(model.parameters())
+    calls = []
+    orig_reducer_hook = ddp.require_backward_grad_sync
+    batch = make_batch()
+    share = {k: v.tensor_split(world)[rank] for k, v in batch.items()}
+
+    def counting_loss(m, piece):
+        calls.append(ddp.require_backward_grad_sync)  # False inside no_sync()
+        return token_loss(m, piece)
+
+    acc = GradientAccumulator(ddp, opt, micro_batches=micro_batches, reduction=reduction)
+    result = acc.step(share, counting_loss)
+    torch.save({"grads": opt.seen[0], "loss": result.loss, "n_items": result.n_items,
+                "sync_flags": calls, "initial_flag": orig_reducer_hook},
+               os.path.join(out_dir, f"rank{rank}.pt"))
+
+
 def _worker(rank: int, world: int, init_file: str, out_dir: str, reduction: str, micro_batches: int):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
-        model = make_model()
-        ddp = nn.parallel.DistributedDataParallel(model)
-        opt = Recorder(model.parameters())
-        calls = []
-        orig_reducer_hook = ddp.require_backward_grad_sync
-        batch = make_batch()
-        share = {k: v.tensor_split(world)[rank] for k, v in batch.items()}
-
-        def counting_loss(m, piece):
-            calls.append(ddp.require_backward_grad_sync)  # False inside no_sync()
-            return token_loss(m, piece)
-
-        acc = GradientAccumulator(ddp, opt, micro_batches=micro_batches, reduction=reduction)
-        result = acc.step(share, counting_loss)
-        torch.save({"grads": opt.seen[0], "loss": result.loss, "n_items": result.n_items,
-                    "sync_flags": calls, "initial_flag": orig_reducer_hook},
-                   os.path.join(out_dir, f"rank{rank}.pt"))
+        _accumulate_share(rank, world, out_dir, reduction, micro_batches)
+        gc.collect()  # no DDP reducer outlives the group (its late teardown can abort a gloo process)
         dist.barrier()  # neither process tears gloo down while the other still uses it
     finally:
         dist.destroy_process_group()
