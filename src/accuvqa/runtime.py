@@ -4,6 +4,7 @@ shards, its failures), mixed precision, signals. Imports nothing of accuvqa abov
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import re
@@ -83,9 +84,12 @@ def end_process_group() -> None:
     """After a command succeeded under torchrun: wait for every process, then close the process group.
 
     A process that exits while another still talks to it over gloo can make that one abort
-    ("terminate called without an active exception"); a failed command never gets here.
+    ("terminate called without an active exception"); a failed command never gets here. A
+    DistributedDataParallel model left in a reference cycle still holds the group, so it is collected
+    first: the group then closes here, not at a later garbage collection.
     """
     if torch.distributed.is_available() and torch.distributed.is_initialized():
+        gc.collect()
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()
 
