@@ -31,11 +31,16 @@ from accuvqa.data.vocab import build_token_dict, encode_question
 from accuvqa.models import build_model
 from accuvqa.recipe import lr_at, make_loss_fn, make_optimizer
 
-DEFAULTS = {  # the preset's keys (configs/clevr_shapes.yml)
-    "WORD_EMBED_SIZE": 32, "LAYER": 2, "HIDDEN_SIZE": 64, "MULTI_HEAD": 4, "DROPOUT_R": 0.0, "FF_SIZE": 128,
-    "FLAT_MLP_SIZE": 64, "FLAT_GLIMPSES": 2, "FLAT_OUT_SIZE": 128, "BATCH_SIZE": 128, "MAX_EPOCH": 20,
-    "LR_BASE": 0.0005, "LR_DECAY_LIST": [17, 19], "LR_DECAY_R": 0.2, "USE_GLOVE": False, "MAX_TOKEN": 20, "SEED": 0,
-}
+PRESET = Path(__file__).resolve().parent.parent / "src" / "accuvqa" / "configs" / "clevr_shapes.yml"
+PLACES = ("DATASET", "DATASET_PATH", "FEATURE_PATH", "CKPTS_PATH", "RESULT_PATH", "TRAIN_SPLIT", "PRELOAD",
+          "SCENE_IMAGES", "NUM_THREADS")  # where the preset's data and runs live: the prototype keeps its own
+
+
+def preset_keys() -> dict:
+    """The preset's model and training keys (configs/clevr_shapes.yml), the prototype's defaults."""
+    import yaml
+
+    return {k: v for k, v in yaml.safe_load(PRESET.read_text()).items() if k not in PLACES}
 
 
 def parse_value(text: str):
@@ -138,9 +143,9 @@ def main(argv: list[str]) -> int:
     p.add_argument("--feature-rows", default="",
                    help="keep only these feature rows, e.g. 0-15,40-41,47 (others zeroed; default all)")
     p.add_argument("--minutes", type=float, default=10.0, help="training-time budget (stops after the epoch past it)")
-    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="config keys over DEFAULTS")
+    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="config keys over the preset's")
     p.add_argument("--unset", nargs="*", default=[], metavar="KEY",
-                   help="drop these DEFAULTS keys (another MODEL_USE's keys, e.g. LAYER FF_SIZE for ban)")
+                   help="drop these preset keys (another MODEL_USE's keys, e.g. LAYER FF_SIZE for ban)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--json", type=Path)
     args = p.parse_args(argv)
@@ -150,7 +155,7 @@ def main(argv: list[str]) -> int:
         f: int(w) for f, w in (part.split("=") for part in args.train_mix.split(","))}
     root = dataset(args.data, {"train": args.train_images, "test": args.test_images}, args.data_seed,
                    args.image_size, args.questions_per_image, mix)
-    keys = dict(DEFAULTS)
+    keys = preset_keys()
     keys.update({k: parse_value(v) for k, v in (s.split("=", 1) for s in args.set)})
     for key in args.unset:
         keys.pop(key, None)
@@ -197,7 +202,7 @@ def main(argv: list[str]) -> int:
                                       max_grad_norm=cfg.GRAD_NORM_CLIP if cfg.GRAD_NORM_CLIP > 0 else None)
     loss_fn = make_loss_fn(cfg)
     n = len(tr[0])
-    per_epoch = n // cfg.BATCH_SIZE
+    per_epoch = max(1, n // cfg.BATCH_SIZE)  # a set smaller than a batch trains as one batch
     print(f"train {n} questions, test {len(te[0])}; {len(answers)} answers, {len(token_to_ix)} tokens; "
           f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters; keys {keys}", flush=True)
     gen = torch.Generator().manual_seed(cfg.SEED)

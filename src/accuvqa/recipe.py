@@ -29,8 +29,6 @@ def lr_at(cfg: Config, update: int, epoch: int, updates_per_epoch: float) -> flo
     """
     base = lr_base_at(cfg, epoch)
     warmup = cfg.WARMUP_EPOCH
-    if warmup == 0:
-        return base
     for k in (1, 2, 3):
         if update <= int(updates_per_epoch * (warmup + 1) * (0.25 * k)):
             return base * min(k / (warmup + 1), 1.0)

@@ -561,7 +561,7 @@ def _unique_filters(objects: Sequence[dict], target: int, rng: random.Random, ex
         rng.shuffle(subsets)
         for subset in subsets:
             f = {a: objects[target][a] for a in subset}
-            if sum(all(o[a] == v for a, v in f.items()) for o in objects) == 1:
+            if _count(f, objects) == 1:
                 return f
     return None
 
