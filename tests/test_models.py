@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -320,3 +321,72 @@ def test_matches_original_mcan_vqa(case: str) -> None:
     # 1.2e-7 (both paths, both cases; AMD EPYC, torch 2.13): 1e-5 is a margin of 80
     torch.testing.assert_close(probs, data["probs"], atol=1e-5, rtol=0)
     torch.testing.assert_close(probs_explicit, data["probs"], atol=1e-5, rtol=0)
+
+
+# --- MCAN's counting options (FLAT_IMG_POOL, PROJ_HIDDEN_SIZE) --------------------------------
+def test_sigmoid_pool_sums_each_regions_own_weight_and_keeps_the_count() -> None:
+    """FLAT_IMG_POOL sigmoid: each region weighted by its own sigmoid, summed (by hand below, float64); a region
+    repeated k times counts k times, where softmax pooling cannot tell one copy from three."""
+    from accuvqa.models.layers import AttFlat
+
+    torch.manual_seed(0)
+    cfg = tiny_cfg(FLAT_GLIMPSES=2)
+    flat = AttFlat(cfg, pool="sigmoid").double().eval()
+    x = torch.randn(2, 5, cfg.HIDDEN_SIZE, dtype=torch.float64)
+    mask = torch.tensor([[False] * 5, [False, False, False, True, True]]).view(2, 1, 1, 5)
+    with torch.no_grad():
+        out = flat(x, mask)
+        logits = flat.mlp(x)  # (B, L, G)
+        expected = []
+        for b, n in ((0, 5), (1, 3)):  # the unpadded regions only
+            pooled = [sum(torch.sigmoid(logits[b, i, g]) * x[b, i] for i in range(n)) for g in range(2)]
+            expected.append(flat.linear_merge(torch.cat(pooled)))
+    torch.testing.assert_close(out, torch.stack(expected), atol=EXACT, rtol=0)
+
+    one = x[:1, :1]  # one region, then the same region three times
+    three = one.expand(1, 3, cfg.HIDDEN_SIZE)
+    bias = flat.linear_merge.bias
+    with torch.no_grad():
+        pooled_one, pooled_three = flat(one, None) - bias, flat(three, None) - bias
+        softmax = AttFlat(cfg).double().eval()
+        softmax.load_state_dict(flat.state_dict())
+        soft_one, soft_three = softmax(one, None), softmax(three, None)
+    torch.testing.assert_close(pooled_three, 3 * pooled_one, atol=EXACT, rtol=0)
+    torch.testing.assert_close(soft_three, soft_one, atol=EXACT, rtol=0)  # control: softmax loses the count
+    with pytest.raises(ValueError, match="pool must be one of softmax, sigmoid, got 'sum'"):
+        AttFlat(cfg, pool="sum")
+
+
+def test_proj_hidden_size_adds_one_relu_layer_before_the_answer_layer() -> None:
+    cfg = tiny_cfg(PROJ_HIDDEN_SIZE=12, FLAT_IMG_POOL="sigmoid")
+    torch.manual_seed(0)
+    model = build_model(cfg, TOKEN_SIZE, ANSWER_SIZE).eval().double()
+    state = model.state_dict()
+    assert state["proj_hidden.0.weight"].shape == (12, cfg.FLAT_OUT_SIZE)
+    assert state[model_spec("mcan").answer_param].shape == (ANSWER_SIZE, 12)  # the answer layer keeps its name
+    assert model.attflat_img.pool == "sigmoid" and model.attflat_lang.pool == "softmax"
+    img, ques = make_inputs(cfg)
+    img = img.double()
+    with torch.no_grad():
+        out = model(img, ques)
+        lang_mask, img_mask = make_mask(ques.unsqueeze(2)), make_mask(img)
+        lang, _ = model.lstm(model.embedding(ques))
+        lang, regions = model.backbone(lang, model.img_feat_linear(img), lang_mask, img_mask)
+        fused = model.proj_norm(model.attflat_lang(lang, lang_mask) + model.attflat_img(regions, img_mask))
+        hidden = torch.relu(fused @ state["proj_hidden.0.weight"].T + state["proj_hidden.0.bias"])
+        expected = hidden @ state["proj.weight"].T + state["proj.bias"]
+    torch.testing.assert_close(out, expected, atol=EXACT, rtol=0)
+    # left at 0 (mcan-vqa's linear classifier): mcan-vqa's state dict, key for key
+    assert list(build_model(tiny_cfg(LAYER=1, PROJ_HIDDEN_SIZE=0), TOKEN_SIZE, ANSWER_SIZE).state_dict()) \
+        == expected_keys_layer1()
+
+
+@pytest.mark.parametrize("key, value, says", [
+    ("FLAT_IMG_POOL", "sum", "FLAT_IMG_POOL must be one of softmax, sigmoid, got 'sum'"),
+    ("PROJ_HIDDEN_SIZE", -1, "PROJ_HIDDEN_SIZE must be 0 (no hidden layer) or positive, got -1"),
+])
+def test_counting_options_refuse_bad_values(key: str, value: object, says: str) -> None:
+    from accuvqa.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=re.escape(says)):
+        load_config(overrides={key: value})

@@ -272,11 +272,21 @@ class SGA(nn.Module):
         return self.norm3(x + self.dropout3(self.ffn(x)))
 
 
-class AttFlat(nn.Module):
-    """Attentional flattening: FLAT_GLIMPSES masked-softmax pools, concatenated, then linear_merge."""
+FLAT_POOLS = ("softmax", "sigmoid")
 
-    def __init__(self, cfg: Any) -> None:
+
+class AttFlat(nn.Module):
+    """Attentional flattening: FLAT_GLIMPSES masked pools, concatenated, then linear_merge.
+
+    `pool` "softmax" (mcan-vqa's) weighs the rows of each glimpse to sum to 1; "sigmoid" weighs each row on its
+    own, in (0, 1), and sums them, so the pooled vector grows with how many rows the glimpse picks (a count).
+    """
+
+    def __init__(self, cfg: Any, pool: str = "softmax") -> None:
         super().__init__()
+        if pool not in FLAT_POOLS:
+            raise ValueError(f"pool must be one of {', '.join(FLAT_POOLS)}, got {pool!r}")
+        self.pool = pool
         self.glimpses: int = cfg.FLAT_GLIMPSES
         self.mlp = MLP(cfg.HIDDEN_SIZE, cfg.FLAT_MLP_SIZE, cfg.FLAT_GLIMPSES, dropout_r=cfg.DROPOUT_R, use_relu=True)
         self.linear_merge = nn.Linear(cfg.HIDDEN_SIZE * cfg.FLAT_GLIMPSES, cfg.FLAT_OUT_SIZE)
@@ -288,7 +298,7 @@ class AttFlat(nn.Module):
         att = self.mlp(x)  # (B, L, G)
         if x_mask is not None:
             att = att.masked_fill(x_mask.squeeze(1).squeeze(1).unsqueeze(2), MASK_VALUE)
-        att = F.softmax(att, dim=1)
+        att = F.softmax(att, dim=1) if self.pool == "softmax" else torch.sigmoid(att)  # masked rows: 0 either way
         if self.keep_map:
             self.kept_map = att.detach()
         x_atted = torch.einsum("blg,blh->bgh", att, x)  # (B, G, H)

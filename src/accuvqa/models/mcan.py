@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from accuvqa.errors import ConfigError
-from accuvqa.models.layers import SA, SGA, AttFlat, LayerNorm, MHAtt
+from accuvqa.models.layers import FLAT_POOLS, SA, SGA, AttFlat, LayerNorm, MHAtt
 from accuvqa.models.registry import config_key, register_model, require_positive
 
 
@@ -26,6 +26,11 @@ class MCANKeys:
     FLAT_GLIMPSES: int = config_key(1, "glimpses of the attentional reduction")
     FLAT_OUT_SIZE: int = config_key(1024, "size of the fused question-image vector")
     FF_SIZE: Optional[int] = config_key(None, "width of the feed-forward layers (null: 4 x HIDDEN_SIZE)")
+    FLAT_IMG_POOL: str = config_key(
+        "softmax", "how the image's attentional reduction weighs regions: softmax (mcan-vqa: the weights sum to 1) "
+                   "or sigmoid (each region on its own, summed: the pooled vector keeps how many regions matched)")
+    PROJ_HIDDEN_SIZE: int = config_key(
+        0, "a hidden ReLU layer of this width before the answer layer (0: none, mcan-vqa's linear classifier)")
 
     # key -> the key it is derived from when left unset (re-derived when that key is replaced)
     DERIVED: ClassVar[dict[str, str]] = {"FF_SIZE": "HIDDEN_SIZE"}
@@ -43,6 +48,12 @@ class MCANKeys:
                 f"HIDDEN_SIZE ({self.HIDDEN_SIZE}) must be divisible by MULTI_HEAD ({self.MULTI_HEAD})"
                 f"{where('HIDDEN_SIZE') or where('MULTI_HEAD')}; e.g. HIDDEN_SIZE "
                 f"{self.HIDDEN_SIZE // self.MULTI_HEAD * self.MULTI_HEAD or self.MULTI_HEAD}")
+        if self.FLAT_IMG_POOL not in FLAT_POOLS:
+            raise ConfigError(f"FLAT_IMG_POOL must be one of {', '.join(FLAT_POOLS)}, got {self.FLAT_IMG_POOL!r}"
+                              f"{where('FLAT_IMG_POOL')}")
+        if self.PROJ_HIDDEN_SIZE < 0:
+            raise ConfigError(f"PROJ_HIDDEN_SIZE must be 0 (no hidden layer) or positive, got {self.PROJ_HIDDEN_SIZE}"
+                              f"{where('PROJ_HIDDEN_SIZE')}")
         if not 0.0 <= self.DROPOUT_R < 1.0:
             raise ConfigError(f"DROPOUT_R must be in [0, 1), got {self.DROPOUT_R}{where('DROPOUT_R')}")
 
@@ -88,10 +99,13 @@ class MCAN(nn.Module):
         self.lstm = nn.LSTM(cfg.WORD_EMBED_SIZE, cfg.HIDDEN_SIZE, num_layers=1, batch_first=True)
         self.img_feat_linear = nn.Linear(cfg.IMG_FEAT_SIZE, cfg.HIDDEN_SIZE)
         self.backbone = MCA_ED(cfg)
-        self.attflat_img = AttFlat(cfg)
+        self.attflat_img = AttFlat(cfg, pool=getattr(cfg, "FLAT_IMG_POOL", "softmax"))
         self.attflat_lang = AttFlat(cfg)
         self.proj_norm = LayerNorm(cfg.FLAT_OUT_SIZE)
-        self.proj = nn.Linear(cfg.FLAT_OUT_SIZE, answer_size)
+        hidden = getattr(cfg, "PROJ_HIDDEN_SIZE", 0)
+        # PROJ_HIDDEN_SIZE 0 keeps mcan-vqa's parameters exactly (no proj_hidden in the state dict)
+        self.proj_hidden = nn.Sequential(nn.Linear(cfg.FLAT_OUT_SIZE, hidden), nn.ReLU()) if hidden else None
+        self.proj = nn.Linear(hidden or cfg.FLAT_OUT_SIZE, answer_size)
 
     def forward(self, img_feat: torch.Tensor, ques_ix: torch.Tensor) -> torch.Tensor:
         """img_feat (B, N, IMG_FEAT_SIZE) with all-zero padded rows, ques_ix (B, T) with 0 = PAD -> (B, A) logits."""
@@ -109,7 +123,8 @@ class MCAN(nn.Module):
 
         lang_feat, img = self.backbone(lang_feat, img, lang_mask, img_mask)
         proj_feat = self.attflat_lang(lang_feat, lang_mask) + self.attflat_img(img, img_mask)  # (B, FLAT_OUT)
-        return self.proj(self.proj_norm(proj_feat))
+        fused = self.proj_norm(proj_feat)
+        return self.proj(self.proj_hidden(fused) if self.proj_hidden is not None else fused)
 
     def keep_attention(self, on: bool = True) -> None:
         """Opt-in: attention is computed explicitly and its maps kept for `attention_maps` (same output)."""
@@ -124,7 +139,8 @@ class MCAN(nn.Module):
         `image_self/<i>` (B, heads, N, N): decoder SGA i, regions attending to regions;
         `image_question/<i>` (B, heads, N, T): decoder SGA i, regions attending to question words;
         `image_flat` (B, N, G) / `question_flat` (B, T, G): the AttFlat pooling weights per glimpse
-        that feed the classifier (each glimpse sums to 1 over the unpadded regions / words).
+        that feed the classifier (each glimpse sums to 1 over the unpadded regions / words; under
+        FLAT_IMG_POOL sigmoid, each region's weight is in (0, 1) on its own).
         """
         maps = {}
         for i, enc in enumerate(self.backbone.enc_list, start=1):
