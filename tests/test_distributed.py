@@ -2,7 +2,6 @@
 `train()`, `val` and `test` under torchrun and `accuvqa train --nproc` give one process's results; a run
 resumes on another number of processes; a failing, killed or hung process ends the job."""
 
-import gc
 import json
 import os
 import signal
@@ -99,10 +98,10 @@ def _worker(rank: int, world: int, init_file: str, out_dir: str, reduction: str,
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
         _accumulate_share(rank, world, out_dir, reduction, micro_batches)
-        gc.collect()  # no DDP reducer outlives the group (its late teardown can abort a gloo process)
-        dist.barrier()  # neither process tears gloo down while the other still uses it
+        end_process_group()  # what a command does: collect DDP's reducer, wait for the other process, close gloo
     finally:
-        dist.destroy_process_group()
+        if dist.is_initialized():  # the share failed: close the group anyway
+            dist.destroy_process_group()
 
 
 @pytest.mark.parametrize("reduction", ["sum", "mean"])
